@@ -121,7 +121,9 @@ def manifest_validate(path: str, deep: bool, classes: str | None, as_json: bool)
     help="DICOM attribute joined to the labels CSV column of the same name.",
 )
 @click.option("--out", required=True, type=click.Path())
-@click.option("--keep-ids", is_flag=True, help="Keep real patient IDs (default: salted pseudonyms).")
+@click.option(
+    "--keep-ids", is_flag=True, help="Keep real patient IDs (default: salted pseudonyms)."
+)
 @_friendly
 def manifest_scan(dicom_dir: str, labels_csv: str, key: str, out: str, keep_ids: bool) -> None:
     """Walk a DICOM export (headers only), join labels, and write a pseudonymised manifest."""
@@ -199,7 +201,7 @@ def print_train_summary(outcome, con) -> None:
     """The closing table of `medtl train`: pooled metrics and where to look next."""
     from rich.table import Table
 
-    from medtl.evaluation.summary import headline_rows
+    from medtl.evaluation.report import headline_rows
 
     table = Table(title="cross-validated results (pooled out-of-fold, 95% CI)")
     table.add_column("metric")
@@ -229,7 +231,12 @@ def report(run_dir: str) -> None:
 
 
 @main.command()
-@click.option("--model", "model_ref", required=True, help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.",
+)
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True))
 @click.option("--out", default=None, type=click.Path(), help="Report folder.")
 @_friendly
@@ -242,7 +249,12 @@ def evaluate(model_ref: str, manifest_path: str, out: str | None) -> None:
 
 
 @main.command()
-@click.option("--model", "model_ref", required=True, help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.")
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.",
+)
 @click.argument("input_path", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path())
 @_friendly
@@ -256,7 +268,9 @@ def predict(model_ref: str, input_path: str, out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     n_err = int(df["error"].notna().sum()) if "error" in df.columns else 0
-    click.echo(f"{len(df)} predictions written to {out}" + (f" ({n_err} unreadable)" if n_err else ""))
+    click.echo(
+        f"{len(df)} predictions written to {out}" + (f" ({n_err} unreadable)" if n_err else "")
+    )
 
 
 # ---------------------------------------------------------------- registry, review, audit
@@ -333,7 +347,9 @@ def weights_list() -> None:
 
 @weights.command("import")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--as", "as_name", required=True, help="Backbone entry (or entry:tag) the file is for.")
+@click.option(
+    "--as", "as_name", required=True, help="Backbone entry (or entry:tag) the file is for."
+)
 @_friendly
 def weights_import(path: str, as_name: str) -> None:
     """Copy a weights file into the weights directory and record its sha256."""

@@ -84,21 +84,10 @@ def _label_names(label: Any, classes: list[str], task: str) -> str:
 
 
 def _thresholds(y: np.ndarray, probs: np.ndarray, task: str, cfg: PipelineConfig) -> Any:
-    """Operating threshold(s) chosen on one fold's validation data."""
-    from medtl.cv import choose_threshold
+    """Operating threshold(s) chosen on held-out predictions, as the config asks."""
+    from medtl.cv import choose_thresholds
 
-    kw = {"method": cfg.cv.threshold, "target_sensitivity": cfg.cv.target_sensitivity}
-    if task == "binary":
-        return float(choose_threshold(y.astype(int), probs[:, 1], **kw))
-    n_classes = probs.shape[1]
-    out = []
-    for c in range(n_classes):
-        yc = y[:, c] if task == "multilabel" else (y == c).astype(int)
-        if len(np.unique(yc)) < 2:
-            out.append(0.5)
-        else:
-            out.append(float(choose_threshold(yc, probs[:, c], **kw)))
-    return out
+    return choose_thresholds(y, probs, task, cfg.cv.threshold, cfg.cv.target_sensitivity)
 
 
 def _predict_labels(probs: np.ndarray, task: str, threshold: Any, classes: list[str]) -> list[str]:
@@ -108,15 +97,6 @@ def _predict_labels(probs: np.ndarray, task: str, threshold: Any, classes: list[
         return [classes[i] for i in probs.argmax(1)]
     thr = np.asarray(threshold)
     return ["|".join(c for c, hit in zip(classes, row >= thr, strict=True) if hit) for row in probs]
-
-
-def _median_threshold(fold_thresholds: dict[int, Any]) -> Any:
-    vals = list(fold_thresholds.values())
-    if not vals:
-        return 0.5
-    if isinstance(vals[0], list):
-        return [float(statistics.median(v[i] for v in vals)) for i in range(len(vals[0]))]
-    return float(statistics.median(vals))
 
 
 def _oof_frame(
@@ -236,7 +216,9 @@ def run_train(
     records = prepared.records
     quarantine = prepared.quarantine
     if quarantine:
-        say(f"[yellow]{len(quarantine)} unreadable file(s) quarantined[/yellow] (see quarantine.csv)")
+        say(
+            f"[yellow]{len(quarantine)} unreadable file(s) quarantined[/yellow] (see quarantine.csv)"
+        )
 
     num_classes = len(classes)
     probe_model = create_model(cfg.model, num_classes, spatial_dims=cfg.spatial_dims)
@@ -247,7 +229,12 @@ def run_train(
     lineage: dict[str, str] = {}
     if is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        save_splits(split_df.assign(image=manifest.df["image"]), run_dir / "fold_assignments.csv")
+        save_splits(
+            split_df.assign(image=manifest.df["image"]),
+            run_dir / "fold_assignments.csv",
+            label_col=cfg.data.label_column,
+            patient_col=cfg.data.patient_column,
+        )
         write_quarantine(quarantine, run_dir / "quarantine.csv")
         from medtl.tracking.lineage import collect_lineage
 
@@ -267,6 +254,8 @@ def run_train(
         folds = [k for k in folds if k in cfg.cv.only_folds]
     oof_parts: list[pd.DataFrame] = []
     fold_thresholds: dict[int, Any] = {}
+    fold_outputs: dict[int, tuple[list[dict], np.ndarray]] = {}
+    fold_runs: dict[int, Any] = {}
     best_epochs: list[int] = []
     histories: dict[int, list[dict]] = {}
     status = "FAILED"
@@ -293,30 +282,43 @@ def run_train(
             histories[k] = result.history
             if not is_main:
                 continue
-            y = np.asarray([r["label"] for r in va])
-            thr = _thresholds(y, result.val_probs, task, cfg)
-            fold_thresholds[k] = thr
-            part = _oof_frame(va, result.val_probs, k, classes, task, thr, subgroups)
-            oof_parts.append(part)
+            fold_outputs[k] = (va, result.val_probs)
             pd.DataFrame(result.history).to_csv(
                 run_dir / "folds" / f"fold_{k}" / "history.csv", index=False
             )
             if fold_run:
-                from medtl.evaluation.metrics import evaluate
+                fold_runs[k] = fold_run
 
-                fm = evaluate(
-                    part,
-                    classes,
-                    task,
-                    thr,
-                    patient_col="patient_id",
-                    n_boot=0,
-                    ci=cfg.evaluation.ci,
-                    seed=cfg.seed,
-                    subgroups=[],
-                )
-                fold_run.log_metrics(_headline(fm))
-                fold_run.end()
+        # Thresholds: each fold's operating point is chosen on the OTHER folds' out-of-fold
+        # predictions, so the sensitivity/specificity reported for a fold are not tuned on it.
+        if is_main:
+            for k, (va, probs) in fold_outputs.items():
+                others = [fold_outputs[j] for j in fold_outputs if j != k]
+                if others:
+                    y_o = np.concatenate([np.asarray([r["label"] for r in v]) for v, _ in others])
+                    p_o = np.concatenate([p for _, p in others])
+                    thr = _thresholds(y_o, p_o, task, cfg)
+                else:  # a single fold was run (cv.only_folds): nothing else to tune on
+                    thr = _thresholds(np.asarray([r["label"] for r in va]), probs, task, cfg)
+                fold_thresholds[k] = thr
+                part = _oof_frame(va, probs, k, classes, task, thr, subgroups)
+                oof_parts.append(part)
+                if k in fold_runs:
+                    from medtl.evaluation.metrics import evaluate
+
+                    fm = evaluate(
+                        part,
+                        classes,
+                        task,
+                        thr,
+                        patient_col="patient_id",
+                        n_boot=0,
+                        ci=cfg.evaluation.ci,
+                        seed=cfg.seed,
+                        subgroups=[],
+                    )
+                    fold_runs[k].log_metrics(_headline(fm.get("pooled", {}).get("summary", fm)))
+                    fold_runs[k].end()
 
         # 4. Final model: refit on every non-test patient by the same procedure.
         final_epochs = max(1, int(statistics.median(best_epochs))) if best_epochs else 1
@@ -340,7 +342,14 @@ def run_train(
             status = "FINISHED"
             return outcome
 
-        threshold = _median_threshold(fold_thresholds)
+        if fold_outputs:
+            y_all = np.concatenate(
+                [np.asarray([r["label"] for r in v]) for v, _ in fold_outputs.values()]
+            )
+            p_all = np.concatenate([p for _, p in fold_outputs.values()])
+            threshold = _thresholds(y_all, p_all, task, cfg)
+        else:
+            threshold = 0.5
         oof = pd.concat(oof_parts, ignore_index=True) if oof_parts else pd.DataFrame()
         data_summary = report.summary
         run_info = {
@@ -351,6 +360,12 @@ def run_train(
             "fold_thresholds": {str(k): v for k, v in fold_thresholds.items()},
             "final_threshold": threshold,
             "threshold_method": cfg.cv.threshold,
+            "threshold_source": (
+                "each fold's threshold was chosen on the other folds' predictions, never on the "
+                "fold it is applied to; the final model's on all pooled predictions"
+                if len(fold_outputs) > 1
+                else "chosen on the same validation fold (only one fold was run): optimistic"
+            ),
             "best_epochs": best_epochs,
             "final_epochs": final_epochs,
             "data_summary": data_summary,
@@ -402,7 +417,9 @@ def run_train(
         # Held-out test patients: the final model's report on data it never saw.
         test = [r for r in records if r["split"] == "test"]
         if test:
-            _held_out_report(run_dir, final.model, test, tr_eval, cache_dir, cfg, classes, task, threshold)
+            _held_out_report(
+                run_dir, final.model, test, tr_eval, cache_dir, cfg, classes, task, threshold
+            )
 
         if tracker:
             tracker.log_metrics(_headline(metrics.get("pooled", metrics)))
@@ -441,7 +458,9 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
     return {k.replace("/", "_"): v for k, v in out.items() if len(k) < 240}
 
 
-def _held_out_report(run_dir, model, test, tr_eval, cache_dir, cfg, classes, task, threshold) -> None:
+def _held_out_report(
+    run_dir, model, test, tr_eval, cache_dir, cfg, classes, task, threshold
+) -> None:
     from medtl.data import build_dataset
     from medtl.evaluation.report import write_evaluation_report
     from medtl.training import predict_proba
