@@ -162,7 +162,7 @@ def test_evaluate_reproduces_predict(trained, demo_data, tmp_path):
 def test_no_phi_anywhere_in_tracking_store(trained, demo_data):
     """Every identifying header value of the demo data is absent from DB and artifacts."""
     from medtl.demo_data import demo_phi_values
-    from medtl.tracking.phi import find_in_store
+    from medtl.tracking.phi_search import find_in_store
 
     work, cfg, outcome = trained
     values = demo_phi_values(demo_data)

@@ -1,0 +1,341 @@
+"""Batch prediction with a trained model and its own preprocessing; the MLflow pyfunc wrapper.
+
+``resolve_model`` turns ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/m-<id>``,
+``runs:/RUN_ID/model`` or a local bundle folder into a loaded :class:`~medtl.bundle.Bundle`
+(artifacts downloaded from the configured MLflow store; weights read from safetensors only).
+``predict`` runs the bundle's deterministic transforms (never augmentation) and returns one
+row per input: ``image, prob_<class>..., pred, error``. An input that cannot be read keeps its
+row with the reason in ``error`` and empty probabilities: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medtl.bundle import Bundle, load_bundle
+from medtl.config import TrackingConfig
+from medtl.errors import ConfigError, MedtlError
+from medtl.tracking.store import import_mlflow
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MedtlPyfunc",
+    "collect_inputs",
+    "labels_from_probs",
+    "predict",
+    "probabilities",
+    "resolve_model",
+]
+
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".hdr", ".mgz", ".png", ".jpg", ".jpeg")
+# Files that sit beside images in exports and are not inputs.
+_SIDECAR_SUFFIXES = (".txt", ".csv", ".json", ".md", ".xml", ".html", ".img", ".parquet", ".yaml")
+_VOLUME_PRESETS = ("ct_2p5d", "ct_3d")
+
+
+# ---------------------------------------------------------------- model resolution
+def _download(mlflow: Any, artifact_uri: str, uri: str, dst: str) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri
+        )
+    )
+
+
+def _version_for(client: Any, ref: str) -> Any:
+    """The ModelVersion named by ``NAME@ALIAS`` or ``NAME/VERSION`` (errors list what exists)."""
+    from mlflow.exceptions import MlflowException
+
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            try:
+                aliases = sorted(client.get_registered_model(name).aliases)
+            except MlflowException:
+                raise MedtlError(f"no registered model '{name}' in this MLflow store") from None
+            raise ConfigError(
+                f"model '{name}' has no alias '{alias}'. Valid aliases: {', '.join(aliases) or 'none'}"
+                f" (or use models:/{name}/VERSION)"
+            ) from None
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        try:
+            return client.get_model_version(name, version)
+        except MlflowException:
+            raise MedtlError(
+                f"model '{name}' has no version '{version}' in this MLflow store "
+                f"(list them with `medtl audit {name}`)"
+            ) from None
+    raise ConfigError(f"'models:/{ref}' needs an alias or version: models:/{ref}@approved")
+
+
+def _model_artifact_uri(client: Any, ref: str) -> str:
+    """The artifact URI of a ``models:/`` or ``runs:/`` reference."""
+    if ref.startswith("models:/m-"):
+        return client.get_logged_model(ref.removeprefix("models:/")).artifact_location
+    if ref.startswith("models:/"):
+        mv = _version_for(client, ref.removeprefix("models:/"))
+        if getattr(mv, "model_id", None):
+            return client.get_logged_model(mv.model_id).artifact_location
+        return client.get_model_version_download_uri(mv.name, mv.version)
+    # runs:/RUN_ID[/path]: medtl logs the model as an MLflow 3 logged model linked to the run.
+    run_id = ref.removeprefix("runs:/").split("/", 1)[0]
+    model_id = client.get_run(run_id).data.tags.get("medtl.model_id")
+    if model_id:
+        return client.get_logged_model(model_id).artifact_location
+    return ref
+
+
+def resolve_model(
+    model_ref: str | Path,
+    tcfg: TrackingConfig | None = None,
+    *,
+    model_factory: Callable[..., Any] | None = None,
+) -> Bundle:
+    """Load a bundle from a local folder or an MLflow model reference.
+
+    Raises MedtlError/ConfigError naming the reference and what exists instead.
+    """
+    ref = str(model_ref)
+    if Path(ref).exists():
+        return load_bundle(ref, model_factory=model_factory)
+    if not ref.startswith(("models:/", "runs:/")):
+        raise ConfigError(
+            f"model '{ref}' is neither a bundle folder nor an MLflow reference. Valid forms: "
+            "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a run's model/ folder"
+        )
+    from medtl.tracking.store import make_client, resolve_tracking_uri
+
+    mlflow = import_mlflow()
+    uri = resolve_tracking_uri(tcfg)
+    client = make_client(uri)
+    artifact_uri = _model_artifact_uri(client, ref)
+    with tempfile.TemporaryDirectory(prefix="medtl-model-") as tmp:
+        local = _download(mlflow, artifact_uri, uri, tmp)
+        return load_bundle(local, model_factory=model_factory)
+
+
+# ---------------------------------------------------------------- inputs
+def _is_dicom(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def collect_inputs(folder: str | Path, volumes: bool = False) -> list[tuple[str, Path]]:
+    """Image inputs under ``folder`` as ``(display, path)``, sorted; unknown files included.
+
+    With ``volumes=True`` a folder of several DICOM files is one input (a series). Sidecar
+    files (txt, csv, json, ...) and hidden files are skipped; any other file is returned so
+    that ``predict`` reports it as unreadable instead of dropping it.
+    """
+    root = Path(folder)
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    dicom_dirs: dict[Path, list[Path]] = {}
+    singles: list[Path] = []
+    for p in files:
+        suf = _suffix(p)
+        if suf in _SIDECAR_SUFFIXES:
+            continue
+        if suf in (".dcm", ".dicom") or (suf not in IMAGE_SUFFIXES and _is_dicom(p)):
+            dicom_dirs.setdefault(p.parent, []).append(p)
+        else:
+            singles.append(p)
+    items: list[Path] = list(singles)
+    for d, members in dicom_dirs.items():
+        if volumes and len(members) > 1:
+            items.append(d)
+        else:
+            items.extend(members)
+    return [(str(p.relative_to(root)) if p != root else ".", p) for p in sorted(items)]
+
+
+def _manifest_inputs(path: Path) -> list[tuple[str, Path]]:
+    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    if "image" not in df.columns:
+        raise ConfigError(
+            f"manifest {path} has no 'image' column (columns: {list(df.columns)}); "
+            "prediction reads image paths from 'image', relative to the manifest's folder"
+        )
+    out = []
+    for value in df["image"].astype(str):
+        p = Path(value)
+        out.append((value, p if p.is_absolute() else path.parent / p))
+    return out
+
+
+def _inputs(
+    inputs: str | Path | pd.DataFrame | Iterable[str], volumes: bool
+) -> list[tuple[str, Path]]:
+    if isinstance(inputs, pd.DataFrame):
+        if "image" not in inputs.columns:
+            raise ConfigError(f"input table needs an 'image' column, has {list(inputs.columns)}")
+        return [(str(v), Path(str(v))) for v in inputs["image"]]
+    if isinstance(inputs, str | Path):
+        p = Path(inputs)
+        if p.is_dir():
+            return collect_inputs(p, volumes=volumes)
+        if p.suffix.lower() in (".csv", ".parquet"):
+            return _manifest_inputs(p)
+        if p.is_file():
+            return [(str(p), p)]
+        raise ConfigError(f"input '{p}' does not exist (give a manifest CSV/Parquet or a folder)")
+    return [(str(v), Path(str(v))) for v in inputs]
+
+
+# ---------------------------------------------------------------- outputs
+def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+    """``(N, C)`` probabilities: sigmoid per label for multi-label, softmax otherwise."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if task == "multilabel":
+        return 1.0 / (1.0 + np.exp(-logits))
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def labels_from_probs(
+    probs: np.ndarray, task: str, threshold: float | list[float], classes: list[str]
+) -> list[str]:
+    """Predicted label strings: binary by the operating threshold on the positive class,
+    multiclass by argmax, multi-label as ``a|b`` of classes at or above their thresholds."""
+    if task == "binary":
+        thr = float(threshold[1] if isinstance(threshold, list) else threshold)
+        return [classes[1] if p >= thr else classes[0] for p in probs[:, 1]]
+    if task == "multiclass":
+        return [classes[i] for i in probs.argmax(1)]
+    thr = np.broadcast_to(np.asarray(threshold, dtype=float), (len(classes),))
+    return ["|".join(c for c, hit in zip(classes, row >= thr, strict=True) if hit) for row in probs]
+
+
+def _default_transform(bundle: Bundle) -> Callable[[dict], dict]:
+    from medtl.transforms import build_transforms
+
+    preprocess = getattr(bundle.model, "preprocess", None)
+    if preprocess is None:
+        from medtl.models import get_backbone_spec
+
+        preprocess = get_backbone_spec(bundle.cfg.model.backbone).preprocess
+    mcfg = bundle.cfg.model
+    pair = build_transforms(
+        bundle.cfg.transforms, preprocess, mcfg.in_channels, mcfg.channel_adapt, train=False
+    )
+    return pair.deterministic
+
+
+def _reason(err: Exception) -> str:
+    # MONAI wraps reader errors in "applying transform ..." RuntimeErrors: report the root cause.
+    root: BaseException = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    msg = str(getattr(root, "reason", None) or root).strip().splitlines()
+    return f"{type(root).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def predict(
+    bundle: Bundle,
+    inputs: str | Path | pd.DataFrame | Iterable[str],
+    *,
+    transform: Callable[[dict], dict] | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> pd.DataFrame:
+    """Predict every input; returns ``image, prob_<class>..., pred, error`` (error None if ok).
+
+    ``inputs`` is a manifest (CSV/Parquet with an ``image`` column), a folder (walked for
+    DICOM/NIfTI/PNG/JPEG; DICOM series folders are one input for 2.5D/3D models), one file,
+    or a table/list of paths. ``transform`` defaults to the bundle's deterministic transforms.
+    """
+    import torch
+
+    volumes = bundle.cfg.transforms.preset in _VOLUME_PRESETS
+    items = _inputs(inputs, volumes)
+    tf = transform or _default_transform(bundle)
+    model = bundle.model.to(device).eval()
+    n, c = len(items), len(bundle.classes)
+    probs = np.full((n, c), np.nan)
+    errors: list[str | None] = [None] * n
+
+    def flush(batch: list[tuple[int, Any]]) -> None:
+        if not batch:
+            return
+        x = torch.stack([t for _, t in batch]).to(device=device, dtype=torch.float32)
+        with torch.inference_mode():
+            logits = model(x).float().cpu().numpy()
+        p = probabilities(logits, bundle.task)
+        for row, (i, _) in enumerate(batch):
+            probs[i] = p[row]
+
+    batch: list[tuple[int, Any]] = []
+    for i, (_, path) in enumerate(items):
+        if not path.exists():
+            errors[i] = "FileNotFoundError: no such file or folder"
+            continue
+        try:
+            img = tf({"image": str(path)})["image"]
+            tensor = torch.as_tensor(np.asarray(img), dtype=torch.float32)
+        except Exception as err:  # any failure is reported for this input, not fatal
+            errors[i] = _reason(err)
+            continue
+        if batch and tensor.shape != batch[0][1].shape:
+            flush(batch)
+            batch = []
+        batch.append((i, tensor))
+        if len(batch) >= batch_size:
+            flush(batch)
+            batch = []
+    flush(batch)
+
+    out = pd.DataFrame({"image": [d for d, _ in items]})
+    for j, cls in enumerate(bundle.classes):
+        out[f"prob_{cls}"] = probs[:, j]
+    ok = ~np.isnan(probs).any(axis=1)
+    preds = [None] * n
+    if ok.any():
+        labels = labels_from_probs(probs[ok], bundle.task, bundle.threshold, bundle.classes)
+        for i, lab in zip(np.flatnonzero(ok), labels, strict=True):
+            preds[i] = lab
+    out["pred"] = preds
+    out["error"] = errors
+    return out
+
+
+# ---------------------------------------------------------------- MLflow pyfunc
+_mlflow = import_mlflow()
+
+
+class MedtlPyfunc(_mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc over a medtl bundle: DataFrame with ``image`` paths -> probabilities.
+
+    Logged "from code" (see ``medtl.tracking.runs``), so nothing is pickled; the bundle is
+    the ``bundle`` artifact and is loaded from safetensors.
+    """
+
+    def load_context(self, context: Any) -> None:
+        self.bundle = load_bundle(context.artifacts["bundle"])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        return predict(self.bundle, model_input)
