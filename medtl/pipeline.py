@@ -90,15 +90,6 @@ def _thresholds(y: np.ndarray, probs: np.ndarray, task: str, cfg: PipelineConfig
     return choose_thresholds(y, probs, task, cfg.cv.threshold, cfg.cv.target_sensitivity)
 
 
-def _predict_labels(probs: np.ndarray, task: str, threshold: Any, classes: list[str]) -> list[str]:
-    if task == "binary":
-        return [classes[1] if p >= threshold else classes[0] for p in probs[:, 1]]
-    if task == "multiclass":
-        return [classes[i] for i in probs.argmax(1)]
-    thr = np.asarray(threshold)
-    return ["|".join(c for c, hit in zip(classes, row >= thr, strict=True) if hit) for row in probs]
-
-
 def _oof_frame(
     records: list[dict],
     probs: np.ndarray,
@@ -108,6 +99,8 @@ def _oof_frame(
     threshold: Any,
     extra_cols: list[str],
 ) -> pd.DataFrame:
+    from medtl.inference import labels_from_probs
+
     rows = {
         "image": [r["image_rel"] for r in records],
         "patient_id": [r["patient_id"] for r in records],
@@ -116,7 +109,7 @@ def _oof_frame(
     }
     for i, c in enumerate(classes):
         rows[f"prob_{c}"] = probs[:, i]
-    rows["pred"] = _predict_labels(probs, task, threshold, classes)
+    rows["pred"] = labels_from_probs(probs, task, threshold, classes)
     for col in extra_cols:
         rows[col] = [r.get(col) for r in records]
     return pd.DataFrame(rows)
