@@ -71,9 +71,22 @@ def test_cli_rejects_bad_key_before_training(tmp_path):
     """`medtl train` fails fast with one line naming the key; no run folder is created."""
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "medtl.cli", "train", str(PIPELINES[0]), "--set",
-         "train.epohcs=2", "--manifest", "x.csv", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "medtl.cli",
+            "train",
+            str(PIPELINES[0]),
+            "--set",
+            "train.epohcs=2",
+            "--manifest",
+            "x.csv",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "train.epohcs" in proc.stderr and "Traceback" not in proc.stderr
