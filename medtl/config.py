@@ -30,6 +30,7 @@ class DataConfig(_Section):
     label_column: str = "label"
     patient_column: str = "patient_id"
     classes: list[str] | None = None  # explicit class order; default: sorted unique labels
+    positive_class: str | None = None  # binary: the finding (moved last = "positive" in reports)
     task: Literal["auto", "binary", "multiclass", "multilabel"] = "auto"
     label_separator: str = "|"  # multi-label cells: "effusion|nodule"
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
@@ -220,13 +221,17 @@ def _explain(err: ValidationError) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         if e["type"] == "extra_forbidden":
             parent = loc.rsplit(".", 1)[0] if "." in loc else ""
-            siblings = [k for k in all_keys if k.startswith(parent + ".")] if parent else [
-                k.split(".")[0] for k in all_keys
-            ]
+            siblings = (
+                [k for k in all_keys if k.startswith(parent + ".")]
+                if parent
+                else [k.split(".")[0] for k in all_keys]
+            )
             siblings = sorted(set(siblings))
             close = difflib.get_close_matches(loc, siblings, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            lines.append(f"unknown config key '{loc}'.{hint} Valid keys here: {', '.join(siblings)}")
+            lines.append(
+                f"unknown config key '{loc}'.{hint} Valid keys here: {', '.join(siblings)}"
+            )
         else:
             got = e.get("input")
             msg = e["msg"]
@@ -268,7 +273,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def build_config(
+    raw: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Validate a raw mapping plus ``key=value`` overrides into a :class:`PipelineConfig`."""
     data = _merge(raw or {}, parse_overrides(overrides or []))
     try:
@@ -277,7 +284,9 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
         raise ConfigError(_explain(err)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Read a pipeline YAML (or only defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -289,5 +298,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"pipeline config '{p}' is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"pipeline config '{p}' must be a mapping of sections, got {type(raw).__name__}")
+            raise ConfigError(
+                f"pipeline config '{p}' must be a mapping of sections, got {type(raw).__name__}"
+            )
     return build_config(raw, overrides)
