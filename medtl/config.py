@@ -68,7 +68,9 @@ class ModelConfig(_Section):
     """Backbone, its pretrained weights and the new head."""
 
     backbone: str = "tf_efficientnet_lite0"
-    weights: str | None = "imagenet"  # a weight tag of the backbone entry, a file path, or null
+    # "default" = the entry's own default tag (imagenet for timm nets, radimagenet for the
+    # RadImageNet entries); or a tag of the entry, a file path, or null (needs allow_random_init)
+    weights: str | None = "default"
     weights_path: str | None = None  # explicit local file; overrides the weights directory
     allow_random_init: bool = False  # must be set to train without weights; never silent
     in_channels: int = Field(1, ge=1)

@@ -160,7 +160,7 @@ def run_train(
     from medtl.cv import make_splits, save_splits
     from medtl.data import build_dataset, prepare_records, records_from_manifest, write_quarantine
     from medtl.manifest import read_manifest, validate_manifest
-    from medtl.models import create_model, get_backbone_spec
+    from medtl.models import create_model
     from medtl.training import fit
     from medtl.transforms import build_transforms
 
@@ -211,13 +211,18 @@ def run_train(
             val = manifest.df.iloc[r["row"]][col]
             r[col] = None if pd.isna(val) else str(val)
 
-    # 2. Preprocessing derived from the backbone's contract; decode once into the cache.
-    spec = get_backbone_spec(cfg.model.backbone)
+    # 2. Preprocessing derived from the backbone's weights contract; decode once into the cache.
+    # Building the model here also fails fast on missing weights, before any decoding.
+    num_classes = len(classes)
+    probe_model = create_model(cfg.model, num_classes, spatial_dims=cfg.spatial_dims)
+    weights_info = dict(probe_model.weights_info)
+    preprocess = probe_model.preprocess
+    del probe_model
     tr_train = build_transforms(
-        cfg.transforms, spec.preprocess, cfg.model.in_channels, cfg.model.channel_adapt, train=True
+        cfg.transforms, preprocess, cfg.model.in_channels, cfg.model.channel_adapt, train=True
     )
     tr_eval = build_transforms(
-        cfg.transforms, spec.preprocess, cfg.model.in_channels, cfg.model.channel_adapt, train=False
+        cfg.transforms, preprocess, cfg.model.in_channels, cfg.model.channel_adapt, train=False
     )
     cache_dir = _cache_dir(cfg, run_dir)
     say(f"[bold]medtl train[/bold] {cfg.name}: {len(records)} images, classes {classes} ({task})")
@@ -230,11 +235,6 @@ def run_train(
         say(
             f"[yellow]{len(quarantine)} unreadable file(s) quarantined[/yellow] (see quarantine.csv)"
         )
-
-    num_classes = len(classes)
-    probe_model = create_model(cfg.model, num_classes, spatial_dims=cfg.spatial_dims)
-    weights_info = dict(probe_model.weights_info)
-    del probe_model
 
     tracker = None
     lineage: dict[str, str] = {}
