@@ -143,7 +143,7 @@ def create_model(
         ConfigError: unknown backbone/tag or an unsupported dimension/channel combination.
     """
     spec = get_backbone_spec(mcfg.backbone)
-    if mcfg.weights == "default":
+    if mcfg.weights == "default" and spec.default_tag:
         mcfg = mcfg.model_copy(update={"weights": spec.default_tag})
     inflate = _check_dims(spec, spatial_dims, mcfg.inflate_3d)
     tag = mcfg.weights if mcfg.weights in spec.weights else None
