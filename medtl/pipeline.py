@@ -227,7 +227,12 @@ def run_train(
     cache_dir = _cache_dir(cfg, run_dir)
     say(f"[bold]medtl train[/bold] {cfg.name}: {len(records)} images, classes {classes} ({task})")
     prepared = prepare_records(
-        records, tr_eval, cache_dir, cfg.data.max_bad_fraction, progress=cfg.train.progress
+        records,
+        tr_eval,
+        cache_dir,
+        cfg.data.max_bad_fraction,
+        progress=cfg.train.progress,
+        cache=cfg.data.cache,
     )
     records = prepared.records
     quarantine = prepared.quarantine

@@ -1,0 +1,363 @@
+"""Manifest -> records -> MONAI datasets with an on-disk cache, quarantine and loaders.
+
+The deterministic transforms run once per image (``prepare_records``) into a MONAI
+``PersistentDataset`` under ``cache_dir/<transform cache key>/``; every epoch then reads the
+cached tensor and applies only the random part. Unreadable files are quarantined with their
+reason instead of stopping a run, up to ``data.max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medtl.config import PipelineConfig
+from medtl.errors import (
+    ConfigError,
+    ManifestError,
+    TooManyBadFilesError,
+    UnreadableImageError,
+    look_up_option,
+)
+from medtl.transforms import TransformPair
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("disk", "memory", "none")
+SLICE_COLUMN = "slice"  # optional manifest column: the center slice for 2.5D inputs
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A file left out of the run and why (one human line)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Records whose images loaded, and the ones quarantined."""
+
+    records: list[dict]
+    quarantine: list[QuarantineEntry]
+
+
+# --------------------------------------------------------------------------- records
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == ""
+
+
+def records_from_manifest(manifest: Any, cfg: PipelineConfig) -> tuple[list[dict], list[str]]:
+    """One record per manifest row: ``{"image": abs path, "label", "patient_id", "row"}``.
+
+    Single-label tasks get an integer class index into ``classes``; multi-label tasks (set
+    in ``data.task`` or detected from cells containing ``data.label_separator``) get a
+    multi-hot float list. ``classes`` is ``data.classes`` or the sorted unique labels.
+    A ``slice`` column, when present, is copied for 2.5D inputs.
+
+    Raises:
+        ManifestError: missing label column, empty labels, or labels outside ``data.classes``.
+    """
+    dcfg = cfg.data
+    df: pd.DataFrame = manifest.df
+    label_col = getattr(manifest, "label_column", None) or dcfg.label_column
+    patient_col = getattr(manifest, "patient_column", None) or dcfg.patient_column
+    for col in (label_col, patient_col, "path"):
+        if col not in df.columns:
+            raise ManifestError(
+                f"manifest has no '{col}' column (columns: {', '.join(map(str, df.columns))}); "
+                "set data.label_column / data.patient_column to the right names"
+            )
+    sep = dcfg.label_separator
+    raw = df[label_col].tolist()
+    task = dcfg.task
+    if task == "auto" and any(not _is_missing(v) and sep in str(v) for v in raw):
+        task = "multilabel"
+    multilabel = task == "multilabel"
+
+    def tokens(v: Any) -> list[str]:
+        if _is_missing(v):
+            return []
+        return (
+            [t.strip() for t in str(v).split(sep) if t.strip()] if multilabel else [str(v).strip()]
+        )
+
+    cells = [tokens(v) for v in raw]
+    if not multilabel:
+        empty = [i for i, t in enumerate(cells) if not t]
+        if empty:
+            raise ManifestError(
+                f"{len(empty)} manifest row(s) have no '{label_col}' value (first rows: "
+                f"{empty[:5]}); fill them or drop those rows"
+            )
+    found = sorted({t for c in cells for t in c})
+    classes = [str(c) for c in dcfg.classes] if dcfg.classes else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ManifestError(
+            f"label(s) {unknown} are not in data.classes {classes}; add them to data.classes "
+            "or fix the manifest"
+        )
+    if len(classes) < 2 and not multilabel:
+        raise ManifestError(
+            f"need at least 2 classes to train, found {classes} in column '{label_col}'"
+        )
+    if task == "binary" and len(classes) != 2:
+        raise ConfigError(f"data.task=binary but there are {len(classes)} classes: {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+
+    has_slice = SLICE_COLUMN in df.columns
+    records = []
+    for row, (path, pid, cell) in enumerate(
+        zip(df["path"].tolist(), df[patient_col].tolist(), cells, strict=True)
+    ):
+        if multilabel:
+            hot = [0.0] * len(classes)
+            for t in cell:
+                hot[index[t]] = 1.0
+            label: Any = hot
+        else:
+            label = index[cell[0]]
+        rec = {"image": str(path), "label": label, "patient_id": str(pid), "row": row}
+        if has_slice and not _is_missing(df[SLICE_COLUMN].iloc[row]):
+            rec[SLICE_COLUMN] = int(df[SLICE_COLUMN].iloc[row])
+        records.append(rec)
+    return records, classes
+
+
+# --------------------------------------------------------------------------- cache
+def _cache_item(rec: dict) -> dict:
+    """What the deterministic transforms see: the path (and 2.5D center slice)."""
+    item = {"image": rec["image"]}
+    if rec.get(SLICE_COLUMN) is not None:
+        item[SLICE_COLUMN] = rec[SLICE_COLUMN]
+    return item
+
+
+def file_identity_hash(item: dict) -> bytes:
+    """Cache file name for an item: resolved path, size and mtime (a folder: its files')."""
+    p = Path(item["image"])
+    try:
+        if p.is_dir():
+            ident: Any = sorted(
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()
+            )
+        else:
+            st = p.stat()
+            ident = [st.st_size, st.st_mtime_ns]
+    except OSError:
+        ident = "missing"
+    blob = json.dumps([str(p.resolve()), ident, item.get(SLICE_COLUMN)], default=str)
+    return hashlib.sha256(blob.encode()).hexdigest().encode()
+
+
+def _inner_dataset(
+    items: list[dict], transforms: TransformPair, cache_dir: str | Path | None, cache: str
+) -> torch.utils.data.Dataset:
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    look_up_option(cache, CACHE_MODES, "data.cache")
+    if cache == "disk":
+        if cache_dir is None:
+            raise ConfigError("data.cache=disk needs a cache folder: set data.cache_dir")
+        folder = Path(cache_dir) / transforms.cache_key[:32]
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(
+            items, transforms.deterministic, cache_dir=folder, hash_func=file_identity_hash
+        )
+    if cache == "memory":
+        return CacheDataset(items, transforms.deterministic, num_workers=1, progress=False)
+    return Dataset(items, transforms.deterministic)
+
+
+def cache_folder(cache_dir: str | Path, transforms: TransformPair) -> Path:
+    """Where ``transforms``' deterministic outputs are cached under ``cache_dir``."""
+    return Path(cache_dir) / transforms.cache_key[:32]
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UnreadableImageError):
+            return err
+        nxt = err.__cause__ or err.__context__
+        if nxt is None:
+            break
+        err = nxt
+    return err
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, UnreadableImageError):
+        return err.reason
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def prepare_records(
+    records: Sequence[dict],
+    transforms: TransformPair,
+    cache_dir: str | Path | None,
+    max_bad_fraction: float,
+    progress: bool = True,
+    cache: Literal["disk", "memory", "none"] = "disk",
+) -> PreparedData:
+    """Run the deterministic transforms once per record (filling the disk cache) and
+    quarantine the files that cannot be read.
+
+    Raises:
+        TooManyBadFilesError: the quarantined fraction exceeds ``max_bad_fraction``.
+    """
+    records = list(records)
+    mode = "disk" if cache == "disk" and cache_dir is not None else "none"
+    ds = _inner_dataset([_cache_item(r) for r in records], transforms, cache_dir, mode)
+    good: list[dict] = []
+    bad: list[QuarantineEntry] = []
+    bar = None
+    if progress and records:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("decoding images into the cache", total=len(records))
+    try:
+        for i, rec in enumerate(records):
+            try:
+                ds[i]
+            except Exception as err:  # noqa: BLE001 - sorted below: only unreadable files
+                root = _root_cause(err)
+                if not isinstance(root, UnreadableImageError | OSError):
+                    raise
+                bad.append(QuarantineEntry(str(rec["image"]), _reason(root)))
+                log.info("quarantined %s: %s", rec["image"], _reason(root))
+            else:
+                good.append(rec)
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    n = len(records)
+    frac = len(bad) / n if n else 0.0
+    if frac > max_bad_fraction:
+        first = "; ".join(f"{Path(q.path).name} ({q.reason})" for q in bad[:3])
+        raise TooManyBadFilesError(
+            f"{len(bad)} of {n} images ({frac:.1%}) could not be read, above "
+            f"data.max_bad_fraction={max_bad_fraction}; first: {first}. Fix or remove those "
+            "files, or raise data.max_bad_fraction to train without them"
+        )
+    return PreparedData(good, bad)
+
+
+def write_quarantine(quarantine: Sequence[QuarantineEntry], path_csv: str | Path) -> Path:
+    """Write ``path,reason`` rows (header only when nothing was quarantined)."""
+    path_csv = Path(path_csv)
+    path_csv.parent.mkdir(parents=True, exist_ok=True)
+    with path_csv.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        for q in quarantine:
+            w.writerow([q.path, q.reason])
+    return path_csv
+
+
+# --------------------------------------------------------------------------- dataset
+class MedtlDataset(torch.utils.data.Dataset):
+    """Cached deterministic part, then the random part; yields ``image``, ``label``, ``index``.
+
+    ``records`` holds the record dicts in index order (labels, patient ids for samplers and
+    reports); ``deterministic_view()`` is the same data without augmentation.
+    """
+
+    def __init__(self, records: list[dict], inner: Any, random: Any):
+        self.records = records
+        self.inner = inner
+        self.random = random
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        out = dict(self.inner[index])
+        label = self.records[index]["label"]
+        if self.random is not None and len(self.random.transforms):
+            out = self.random(out)
+        image = out["image"]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        dtype = torch.float32 if isinstance(label, list | tuple | np.ndarray) else torch.long
+        return {
+            "image": image.float(),
+            "label": torch.as_tensor(label, dtype=dtype),
+            "index": index,
+        }
+
+    def deterministic_view(self) -> MedtlDataset:
+        """The same images without augmentation (feature extraction, evaluation)."""
+        return MedtlDataset(self.records, self.inner, None)
+
+
+def build_dataset(
+    records: Sequence[dict],
+    transforms: TransformPair,
+    cache_dir: str | Path | None,
+    cache: Literal["disk", "memory", "none"] = "disk",
+) -> MedtlDataset:
+    """A dataset over ``records``: deterministic part cached (``disk``: under
+    ``cache_dir/<key>``; ``memory``: in RAM; ``none``: recomputed), random part per access."""
+    records = list(records)
+    inner = _inner_dataset([_cache_item(r) for r in records], transforms, cache_dir, cache)
+    return MedtlDataset(records, inner, transforms.random)
+
+
+def auto_workers(n_items: int, batch_size: int, cpu_count: int | None = None) -> int:
+    """DataLoader workers: 0 on tiny data or <= 2 cores (start-up costs more than it
+    saves), else ``min(4, cores - 1)``."""
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    if cores <= 2 or n_items <= 4 * batch_size:
+        return 0
+    return min(4, cores - 1)
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    sampler: torch.utils.data.Sampler | None = None,
+    shuffle: bool = False,
+    num_workers: int | str = "auto",
+    pin_memory: bool | None = None,
+    drop_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.utils.data.DataLoader:
+    """A MONAI DataLoader (seeds each worker's random transforms) with sensible defaults."""
+    from monai.data import DataLoader
+
+    if num_workers == "auto":
+        workers = auto_workers(len(dataset), batch_size)
+    else:
+        workers = int(num_workers)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=shuffle if sampler is None else False,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=False,
+    )
