@@ -225,6 +225,7 @@ def run_train(
         cfg.transforms, preprocess, cfg.model.in_channels, cfg.model.channel_adapt, train=False
     )
     cache_dir = _cache_dir(cfg, run_dir)
+    cfg.data.cache_dir = str(cache_dir)  # the feature cache of every fold and the refit lives here
     say(f"[bold]medtl train[/bold] {cfg.name}: {len(records)} images, classes {classes} ({task})")
     prepared = prepare_records(
         records,
