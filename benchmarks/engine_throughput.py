@@ -62,6 +62,15 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument(
+        "--random-init",
+        action="store_true",
+        help="explicitly train from random weights (speed does not depend on the weights; "
+        "for backbones whose weight files are not on this machine)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="results file (default results/engine_throughput.md)"
+    )
     a = ap.parse_args()
 
     from medtl.config import build_config
@@ -78,8 +87,11 @@ def main() -> None:
         demo = make_demo_data(
             tmp / "demo", n_patients=a.patients, image_size=max(96, a.size), seed=0
         )
+        model_cfg = {"backbone": a.backbone}
+        if a.random_init:
+            model_cfg.update({"weights": None, "allow_random_init": True})
         base = {
-            "model": {"backbone": a.backbone},
+            "model": model_cfg,
             "transforms": {"spatial_size": [a.size, a.size], "augment": "none"},
             "train": {
                 "device": a.device,
@@ -142,7 +154,9 @@ def main() -> None:
     ref = rows[0][1]
     lines = [
         f"Training throughput: {a.backbone}, {a.size}px, batch {a.batch_size}, "
-        f"{len(records)} images, device {a.device} (epoch {a.epochs} of {a.epochs})",
+        f"{len(records)} images, device {a.device} "
+        f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
+        f"epoch {a.epochs} of {a.epochs}){', random init' if a.random_init else ''}",
         "",
         "| loop | images/s | vs plain loop |",
         "|---|---:|---:|",
@@ -150,7 +164,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "engine_throughput.md").write_text(table + "\n")
+    out = Path(a.out) if a.out else RESULTS / "engine_throughput.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

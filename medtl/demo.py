@@ -7,12 +7,12 @@ from typing import Any
 
 # Small enough to finish in a few minutes on a 2-core CPU, large enough to show transfer.
 DEMO_OVERRIDES = [
-    "transforms.spatial_size=[128,128]",
-    "train.epochs=4",
-    "train.batch_size=16",
+    "transforms.spatial_size=[160,160]",
     "cv.folds=5",
-    "evaluation.bootstrap=500",
+    "evaluation.bootstrap=1000",
 ]
+DEMO_PATIENTS = 80
+DEMO_IMAGE_SIZE = 192
 
 
 def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any = None) -> Any:
@@ -24,7 +24,7 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
 
     say = console.print if console is not None else print
     out.mkdir(parents=True, exist_ok=True)
-    demo = make_demo_data(out / "data", n_patients=60, image_size=160, seed=0)
+    demo = make_demo_data(out / "data", n_patients=DEMO_PATIENTS, image_size=DEMO_IMAGE_SIZE, seed=0)
     say(f"demo data: {demo.root} (manifest {demo.manifest_csv})")
     cfg = load_config(pipeline_path, DEMO_OVERRIDES + list(overrides))
     cfg.data.cache_dir = str(out / ".cache")
