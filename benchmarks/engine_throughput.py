@@ -54,6 +54,38 @@ def plain_loop(model, dataset, batch_size: int, device: torch.device, epochs: in
     return rate
 
 
+def compute_only(model, batch_size: int, size: int, in_chans: int, amp: bool, steps: int = 30):
+    """Images/s of forward+backward+step on GPU-resident tensors: the model's compute ceiling,
+    with the input pipeline taken out (fp32 vs bf16 autocast + channels_last)."""
+    device = torch.device("cuda")
+    model = model.to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch_size, in_chans, size, size, device=device)
+    if amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch_size,), device=device)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -148,6 +180,15 @@ def main() -> None:
                 resume=False,
             )
             rows.append((name, float(res.history[-1]["images_per_s"])))
+        if device.type == "cuda":
+            chans = int(ds[0]["image"].shape[0])
+            for name, amp in [
+                ("compute only (data on GPU), fp32", False),
+                ("compute only (data on GPU), bf16 AMP + channels_last", True),
+            ]:
+                torch.manual_seed(0)
+                model = create_model(cfg.model, n)
+                rows.append((name, compute_only(model, a.batch_size, a.size, chans, amp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -40,19 +40,15 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int, mode: str = "fold_sum"
     base = weight.shape[1]
     if in_chans == base:
         return weight
-    if weight.ndim == 4:
-        from timm.models._manipulate import adapt_input_conv
-
-        out = adapt_input_conv(in_chans, weight, base_chans=base)
+    # timm's `adapt_input_conv` rule (sum for 1 channel; repeat and rescale for k), written
+    # here for any kernel rank: timm's is 2D-only and its signature differs across releases.
+    w = weight.float()
+    if in_chans == 1:
+        out = w.sum(dim=1, keepdim=True)
     else:
-        # timm only handles 4D kernels; the same rule for 3D (O, I, D, H, W) kernels.
-        w = weight.float()
-        if in_chans == 1:
-            out = w.sum(dim=1, keepdim=True)
-        else:
-            reps = [1, math.ceil(in_chans / base)] + [1] * (w.ndim - 2)
-            out = w.repeat(*reps)[:, :in_chans] * (base / float(in_chans))
-        out = out.to(weight.dtype)
+        reps = [1, math.ceil(in_chans / base)] + [1] * (w.ndim - 2)
+        out = w.repeat(*reps)[:, :in_chans] * (base / float(in_chans))
+    out = out.to(weight.dtype)
     if mode == "fold_mean" and in_chans == 1:
         out = out / base
     return out

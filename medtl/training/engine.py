@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -366,7 +367,7 @@ class Engine:
         self.strategy.train_mode(self.model, epoch)
         opt, accum = self.optimizer, self.tcfg.grad_accum
         opt.zero_grad(set_to_none=True)
-        total_loss, n_seen, n_batches = 0.0, 0, len(loader)
+        loss_sum, n_seen, n_batches = torch.zeros((), device=self.device), 0, len(loader)
         t0 = time.perf_counter()
         with self._progress(f"epoch {epoch + 1}/{self.tcfg.epochs}", n_batches) as bar:
             for i, batch in enumerate(loader):
@@ -384,10 +385,13 @@ class Engine:
                     opt.zero_grad(set_to_none=True)
                     self.scheduler.step()
                 bs = int(out["output"].shape[0])
-                total_loss += float(loss.detach()) * bs
+                # Summed on the device: a host sync every step would stall the GPU queue.
+                loss_sum = loss_sum + loss.detach().float() * bs
                 n_seen += bs
-                rate = n_seen / max(time.perf_counter() - t0, 1e-9)
-                bar(i + 1, f"loss {total_loss / n_seen:.4f}  {rate:.1f} img/s")
+                if (i + 1) % 10 == 0 or i + 1 == n_batches:
+                    rate = n_seen / max(time.perf_counter() - t0, 1e-9)
+                    bar(i + 1, f"loss {float(loss_sum) / n_seen:.4f}  {rate:.1f} img/s")
+        total_loss = float(loss_sum)
         dt = time.perf_counter() - t0
         sync_buffers(self.model, self.dist)
         return {
@@ -570,7 +574,8 @@ class _RichBar:
 
 def progress_bar(title: str, total: int, enabled: bool):
     """A rich progress bar context yielding ``update(done, info)``; a no-op when disabled."""
-    return _RichBar(title, total) if enabled else _NoBar()
+    # Live bars only on a terminal; in CI logs they would print blank lines.
+    return _RichBar(title, total) if enabled and sys.stdout.isatty() else _NoBar()
 
 
 @torch.no_grad()
