@@ -25,7 +25,6 @@ from medtl.tracking.store import import_mlflow
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "MedtlPyfunc",
     "collect_inputs",
     "labels_from_probs",
     "predict",
@@ -319,23 +318,3 @@ def predict(
     out["pred"] = preds
     out["error"] = errors
     return out
-
-
-# ---------------------------------------------------------------- MLflow pyfunc
-_mlflow = import_mlflow()
-
-
-class MedtlPyfunc(_mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc over a medtl bundle: DataFrame with ``image`` paths -> probabilities.
-
-    Logged "from code" (see ``medtl.tracking.runs``), so nothing is pickled; the bundle is
-    the ``bundle`` artifact and is loaded from safetensors.
-    """
-
-    def load_context(self, context: Any) -> None:
-        self.bundle = load_bundle(context.artifacts["bundle"])
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
-    ) -> pd.DataFrame:
-        return predict(self.bundle, model_input)

@@ -78,7 +78,7 @@ _SKIP_DIRS = ("model", "final", "checkpoints", ".cache")
 
 _MODEL_CODE = '''"""medtl pyfunc entry point (MLflow "models from code": nothing is pickled)."""
 import mlflow
-from medtl.inference import MedtlPyfunc
+from medtl.tracking.pyfunc import MedtlPyfunc
 
 mlflow.models.set_model(MedtlPyfunc())
 '''
