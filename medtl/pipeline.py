@@ -295,7 +295,7 @@ def run_train(
                 log_fn=fold_run.log_epoch if fold_run else None,
                 dist=dist,
             )
-            best_epochs.append(int(result.best_epoch))
+            best_epochs.append(int(result.best_epoch) + 1)  # epochs trained up to the best one
             histories[k] = result.history
             if not is_main:
                 continue
