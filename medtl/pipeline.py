@@ -378,10 +378,10 @@ def run_train(
             "final_threshold": threshold,
             "threshold_method": cfg.cv.threshold,
             "threshold_source": (
-                "each fold's threshold was chosen on the other folds' predictions, never on the "
-                "fold it is applied to; the final model's on all pooled predictions"
+                "the other folds' predictions (never on the fold it is applied to); the "
+                "deployed model's threshold on all pooled out-of-fold predictions"
                 if len(fold_outputs) > 1
-                else "chosen on the same validation fold (only one fold was run): optimistic"
+                else "the same fold's validation predictions (only one fold was run)"
             ),
             "best_epochs": best_epochs,
             "final_epochs": final_epochs,

@@ -525,7 +525,11 @@ def _limitations(
             "Pooled out-of-fold results combine predictions of the fold models, each at its own "
             "fold's threshold; the deployed model is refit on all patients."
         )
-        if threshold_source is None or "out-of-fold" in threshold_source:
+        if (
+            threshold_source is None
+            or threshold_source == DEFAULT_THRESHOLD_SOURCE
+            or "same" in threshold_source
+        ):
             notes.append(
                 "Thresholds were chosen on the same validation predictions they are scored on, so "
                 "sensitivity, specificity, PPV, NPV, F1 and accuracy are optimistic; AUROC, AUPRC, "
@@ -688,7 +692,9 @@ def write_report(
     )
     thr_rows = [[str(k), _fmt_threshold(v)] for k, v in sorted(thresholds.items())]
     if final is not None:
-        thr_rows.append(["deployed model (median of folds)", _fmt_threshold(final)])
+        thr_rows.append(
+            ["deployed model (all pooled out-of-fold predictions)", _fmt_threshold(final)]
+        )
     thr_blocks.append(
         ("table", ["fold", "threshold" + ("s (per class)" if task != "binary" else "")], thr_rows)
     )
@@ -703,7 +709,7 @@ def write_report(
         predictions_name=OOF_FILENAME,
         title=f"medtl report: {cfg.name}",
         intro=[
-            (cfg.description or "Transfer-learning classifier")
+            (cfg.description or "Transfer-learning classifier").rstrip(".")
             + f". A {cfg.model.backbone} network pretrained on "
             + f"{cfg.model.weights or 'no pretrained weights'} was adapted with the "
             + f"'{cfg.strategy.name}' strategy and assessed by {cfg.cv.folds}-fold "
