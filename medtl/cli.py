@@ -27,7 +27,8 @@ for _k, _v in {
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # Not a terminal (CI logs, pipes): wide enough that tables are not truncated.
+    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _friendly(fn):
@@ -333,15 +334,21 @@ def weights_list() -> None:
     """Show every backbone's weight files and whether they are present and verified."""
     from rich.table import Table
 
-    from medtl.models.weights import list_weights
+    from medtl.models.weights import default_weights_dir, list_weights
 
-    table = Table(title="medtl weights")
-    rows = list_weights()
-    cols = list(rows[0].keys()) if rows else []
-    for c in cols:
+    table = Table(title=f"medtl weights (weights dir: {default_weights_dir()})")
+    for c in ("backbone", "tag", "status", "file", "license"):
         table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(r.get(c, "")) for c in cols))
+    for r in list_weights():
+        if r.get("found") is None:
+            status = "[red]missing[/red]"
+        elif r.get("sha256_verified"):
+            status = "[green]verified[/green]"
+        else:
+            status = "[yellow]present, no known sha256[/yellow]"
+        table.add_row(
+            r["backbone"], str(r["tag"]), status, str(r["found"] or r["file"]), r["license"]
+        )
     _console().print(table)
 
 

@@ -103,3 +103,28 @@ def test_config_command_prints_resolved_yaml():
     p = medtl("config", "pipelines/cxr_2d_finetune.yaml", "--set", "train.epochs=3")
     assert p.returncode == 0, p.stderr
     assert "epochs: 3" in p.stdout and "gradual_unfreeze" in p.stdout
+
+
+def test_weights_list_shows_the_verified_default():
+    p = medtl("weights", "list")
+    assert p.returncode == 0, p.stderr
+    assert "tf_efficientnet_lite0" in p.stdout and "radimagenet_resnet50" in p.stdout
+    lite0 = next(ln for ln in p.stdout.splitlines() if "tf_efficientnet_lite0 " in ln)
+    assert "verified" in lite0
+
+
+def test_missing_weights_error_names_file_and_folder(demo_data, tmp_path):
+    p = medtl(
+        "train",
+        "pipelines/cxr_2d_finetune.yaml",
+        "--manifest",
+        str(demo_data.manifest_csv),
+        "--set",
+        "model.backbone=resnet50",
+        "--out",
+        str(tmp_path / "run"),
+        env={"MEDTL_WEIGHTS_DIR": str(tmp_path / "weights"), "TORCH_HOME": str(tmp_path / "th")},
+    )
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert str(tmp_path / "weights") in p.stderr

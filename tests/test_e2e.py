@@ -34,13 +34,21 @@ def trained(demo_data, tmp_path_factory):
     from medtl.pipeline import run_train
 
     work = tmp_path_factory.mktemp("e2e")
+    # A hospital export always has a bad file: a truncated DICOM joins the demo manifest.
+    manifest = pd.read_csv(demo_data.manifest_csv)
+    good = demo_data.manifest_csv.parent / manifest.loc[0, "image"]
+    bad = demo_data.manifest_csv.parent / "dicom" / "truncated_IM9999.dcm"
+    bad.write_bytes(good.read_bytes()[:2000])
+    extra = manifest.iloc[[0]].assign(image="dicom/truncated_IM9999.dcm")
+    manifest_path = demo_data.manifest_csv.parent / "manifest_with_bad_file.csv"
+    pd.concat([manifest, extra]).to_csv(manifest_path, index=False)
     cfg = load_config(ROOT / "pipelines/cxr_2d_feature_extraction.yaml", FAST)
     cfg.tracking.uri = f"sqlite:///{work / 'mlflow.db'}"
     cfg.tracking.artifact_location = str(work / "mlartifacts")
     cfg.data.cache_dir = str(work / "cache")
     outcome = run_train(
         cfg,
-        manifest_path=demo_data.manifest_csv,
+        manifest_path=manifest_path,
         out_dir=work / "run",
         register_name="demo-cxr",
     )
@@ -67,12 +75,37 @@ def test_run_writes_every_report_file(trained):
     )
     # Every non-test image gets exactly one out-of-fold prediction.
     folds = pd.read_csv(run / "fold_assignments.csv")
-    assert len(oof) == int((folds["split"] != "test").sum())
+    # (the quarantined file keeps its fold assignment but has no prediction)
+    assert len(oof) == int((folds["split"] != "test").sum()) - 1
     assert oof.groupby("patient_id")["fold"].nunique().max() == 1
     # Real ImageNet features beat chance on the demo finding.
     metrics = json.loads((run / "metrics.json").read_text())
     assert json.dumps(metrics)  # JSON-serialisable
     assert outcome.metrics
+
+
+def test_corrupt_file_is_quarantined_named_and_reported(trained):
+    run = trained[2].run_dir
+    q = pd.read_csv(run / "quarantine.csv")
+    assert list(q["path"].map(lambda p: Path(p).name)) == ["truncated_IM9999.dcm"]
+    assert q["reason"].str.len().min() > 5
+    assert "truncated_IM9999.dcm" in (run / "report.md").read_text()
+    assert trained[2].n_quarantined == 1
+
+
+def test_report_regenerates_from_stored_predictions(trained):
+    run = trained[2].run_dir
+    before = (run / "metrics.json").read_text()
+    (run / "report.html").unlink()
+    p = subprocess.run(
+        [sys.executable, "-m", "medtl.cli", "report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert (run / "report.html").is_file()
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(before)
 
 
 def test_report_html_is_standalone(trained):
