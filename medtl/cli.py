@@ -47,6 +47,14 @@ def _friendly(fn):
     return wrapper
 
 
+_MODEL_OPTION = click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="medtl")
 def main() -> None:
@@ -232,12 +240,7 @@ def report(run_dir: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--model",
-    "model_ref",
-    required=True,
-    help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.",
-)
+@_MODEL_OPTION
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True))
 @click.option("--out", default=None, type=click.Path(), help="Report folder.")
 @_friendly
@@ -250,12 +253,7 @@ def evaluate(model_ref: str, manifest_path: str, out: str | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--model",
-    "model_ref",
-    required=True,
-    help="models:/NAME@ALIAS, models:/NAME/V or a bundle dir.",
-)
+@_MODEL_OPTION
 @click.argument("input_path", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path())
 @_friendly

@@ -307,16 +307,13 @@ def _percentiles(tcfg: TransformConfig) -> tuple[float, float] | None:
 
 def network_channels(preprocess: Any, in_channels: int, channel_adapt: str) -> int:
     """Channels the network's first conv takes (``repeat`` keeps the pretrained count)."""
+    from medtl.models.adapt import network_in_chans
+
     look_up_option(channel_adapt, ("fold_sum", "fold_mean", "repeat"), "model.channel_adapt")
-    pretrained = int(getattr(preprocess, "in_chans", 3))
-    if channel_adapt == "repeat":
-        if in_channels not in (1, pretrained):
-            raise ConfigError(
-                f"model.channel_adapt=repeat needs model.in_channels 1 or {pretrained}, got "
-                f"{in_channels}; use model.channel_adapt=fold_sum for {in_channels}-channel inputs"
-            )
-        return pretrained
-    return in_channels
+    try:
+        return network_in_chans(in_channels, channel_adapt, int(getattr(preprocess, "in_chans", 3)))
+    except ValueError as err:
+        raise ConfigError(f"model.{err} (model.in_channels)") from None
 
 
 def _normalise(preprocess: Any, channels: int) -> list:

@@ -72,8 +72,9 @@ def test_manifest_validate_exit_codes(demo_data, tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "content hash" in ok.stdout
     df = pd.read_csv(demo_data.manifest_csv)
-    df.loc[0, "image"] = "does/not/exist.dcm"
-    bad = demo_data.manifest_csv.parent / "bad_manifest.csv"
+    df["image"] = [str(demo_data.manifest_csv.parent / p) for p in df["image"]]
+    df.loc[0, "image"] = str(tmp_path / "does" / "not" / "exist.dcm")
+    bad = tmp_path / "bad_manifest.csv"
     df.to_csv(bad, index=False)
     p = medtl("manifest", "validate", str(bad))
     assert p.returncode == 1

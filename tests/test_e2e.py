@@ -37,9 +37,10 @@ def trained(demo_data, tmp_path_factory):
     # A hospital export always has a bad file: a truncated DICOM joins the demo manifest.
     manifest = pd.read_csv(demo_data.manifest_csv)
     good = demo_data.manifest_csv.parent / manifest.loc[0, "image"]
-    bad = demo_data.manifest_csv.parent / "dicom" / "truncated_IM9999.dcm"
+    bad = work / "export" / "truncated_IM9999.dcm"  # outside the shared demo tree
+    bad.parent.mkdir()
     bad.write_bytes(good.read_bytes()[:2000])
-    extra = manifest.iloc[[0]].assign(image="dicom/truncated_IM9999.dcm")
+    extra = manifest.iloc[[0]].assign(image=str(bad))  # absolute paths are allowed
     manifest_path = demo_data.manifest_csv.parent / "manifest_with_bad_file.csv"
     pd.concat([manifest, extra]).to_csv(manifest_path, index=False)
     cfg = load_config(ROOT / "pipelines/cxr_2d_feature_extraction.yaml", FAST)

@@ -45,7 +45,7 @@ from medtl.config import PipelineConfig, load_config
 from medtl.errors import MedtlError
 from medtl.evaluation import plots
 from medtl.evaluation.metrics import (
-    evaluate,
+    evaluate_predictions,
     row_thresholds,
     targets_from_labels,
 )
@@ -653,17 +653,7 @@ def write_report(
         )
     subgroups = list(cfg.evaluation.subgroups)
     pred = _predictions_table(oof, classes, task, thresholds, subgroups, "label", "patient_id")
-    metrics = evaluate(
-        pred,
-        classes,
-        task,
-        thresholds,
-        n_boot=cfg.evaluation.bootstrap,
-        ci=cfg.evaluation.ci,
-        seed=cfg.seed,
-        subgroups=subgroups,
-        n_bins=cfg.evaluation.calibration_bins,
-    )
+    metrics = evaluate_predictions(pred, classes, task, thresholds, cfg)
     final = run_info.get("final_threshold")
     metrics["thresholds"] = {
         "method": cfg.cv.threshold,
@@ -755,17 +745,7 @@ def write_evaluation_report(
     df["fold"] = -1
     subgroups = list(cfg.evaluation.subgroups)
     pred = _predictions_table(df, classes, task, threshold, subgroups, label_col, patient_col)
-    metrics = evaluate(
-        pred,
-        classes,
-        task,
-        threshold,
-        n_boot=cfg.evaluation.bootstrap,
-        ci=cfg.evaluation.ci,
-        seed=cfg.seed,
-        subgroups=subgroups,
-        n_bins=cfg.evaluation.calibration_bins,
-    )
+    metrics = evaluate_predictions(pred, classes, task, threshold, cfg)
     metrics["thresholds"] = {
         "method": "fixed (the model's operating threshold)",
         "final": _json_threshold(threshold),
