@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,7 @@ def prepare_records(
     good: list[dict] = []
     bad: list[QuarantineEntry] = []
     bar = None
-    if progress and records:
+    if progress and records and sys.stdout.isatty():  # live bars only on a terminal
         from rich.progress import Progress
 
         bar = Progress(transient=True)

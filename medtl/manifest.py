@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,7 +324,7 @@ def _split_labels(value: str, classes: set[str] | None, sep: str) -> list[str]:
 
 
 def _iter_progress(items: Sequence, description: str, enabled: bool) -> Iterator:
-    if not enabled:
+    if not enabled or not sys.stdout.isatty():  # live bars only on a terminal
         yield from items
         return
     from rich.progress import track

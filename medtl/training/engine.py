@@ -460,6 +460,12 @@ class Engine:
             self.save_last(epoch)
         if self.log_fn is not None and self.dist.is_main:
             self.log_fn({k: v for k, v in row.items() if k != "epoch"}, epoch)
+        if self.tcfg.progress and self.dist.is_main:
+            # One line per epoch: the record that stays in batch-job logs (bars are TTY-only).
+            shown = ("train_loss", "val_loss", "val_auroc", "images_per_s")
+            parts = [f"{k} {row[k]:.4g}" for k in shown if isinstance(row.get(k), float | int)]
+            flag = "  *best" if self.best_epoch == epoch else ""
+            print(f"  epoch {epoch + 1}/{self.tcfg.epochs}  " + "  ".join(parts) + flag, flush=True)
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_last(self, epoch: int) -> None:
