@@ -80,7 +80,11 @@ def _expected(ds: Dataset) -> np.ndarray:
 def test_pydicom_test_file_matches_pydicom(path: pathlib.Path):
     ds = _quiet_read(path)
     if ds is None or "PixelData" not in ds:
-        pytest.skip("not an image: no PixelData")
+        # Not an image (DICOMDIR, SR, RT plan, a stray non-DICOM file): a clean refusal.
+        with pytest.raises(UnreadableImageError) as info:
+            load_image(path)
+        assert info.value.path == str(path) and "\n" not in info.value.reason
+        return
     try:
         expected = _expected(ds)
     except Exception:
