@@ -225,7 +225,11 @@ def print_train_summary(outcome, con) -> None:
         if outcome.tracking_uri and outcome.tracking_uri.startswith("sqlite:"):
             con.print(f"browse:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if outcome.registered:
-        con.print(f"registered:  {outcome.registered}")
+        reg = outcome.registered
+        con.print(
+            f"registered:  {reg.get('name')} version {reg.get('version')} "
+            f"(alias {reg.get('alias', 'candidate')}); model card {reg.get('model_card')}"
+        )
 
 
 @main.command()

@@ -24,7 +24,9 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
 
     say = console.print if console is not None else print
     out.mkdir(parents=True, exist_ok=True)
-    demo = make_demo_data(out / "data", n_patients=DEMO_PATIENTS, image_size=DEMO_IMAGE_SIZE, seed=0)
+    demo = make_demo_data(
+        out / "data", n_patients=DEMO_PATIENTS, image_size=DEMO_IMAGE_SIZE, seed=0
+    )
     say(f"demo data: {demo.root} (manifest {demo.manifest_csv})")
     cfg = load_config(pipeline_path, DEMO_OVERRIDES + list(overrides))
     cfg.data.cache_dir = str(out / ".cache")
@@ -55,5 +57,8 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
     say(f"  report:   {outcome.report_html}")
     if outcome.tracking_uri:
         say(f"  MLflow:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    say("  review:   medtl review medtl-demo-cxr 1 --approve --by 'Dr. Reviewer' --note 'ok'")
+    if outcome.tracking_uri:
+        env = f"MLFLOW_TRACKING_URI={outcome.tracking_uri}"
+        say(f"  review:   {env} medtl review medtl-demo-cxr 1 --approve --by 'Dr. Reviewer'")
+        say(f"  audit:    {env} medtl audit medtl-demo-cxr@approved")
     return outcome

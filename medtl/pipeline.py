@@ -334,7 +334,7 @@ def run_train(
                         seed=cfg.seed,
                         subgroups=[],
                     )
-                    fold_runs[k].log_metrics(_headline(fm.get("pooled", {}).get("summary", fm)))
+                    fold_runs[k].log_metrics(_headline(fm.get("pooled", {})))
                     fold_runs[k].end()
 
         # 4. Final model: refit on every non-test patient by the same procedure.
@@ -424,7 +424,7 @@ def run_train(
             task,
             threshold,
             lineage,
-            metrics=_headline(metrics.get("pooled", metrics)),
+            metrics=_headline(metrics.get("pooled", {})),
         )
         outcome.report_html = paths.html
         outcome.report_md = paths.markdown
@@ -439,7 +439,7 @@ def run_train(
             )
 
         if tracker:
-            tracker.log_metrics(_headline(metrics.get("pooled", metrics)))
+            tracker.log_metrics(_headline(metrics.get("pooled", {})))
             tracker.log_artifacts(run_dir)
             example = oof[["image"]].head(2) if len(oof) else None
             outcome.model_uri = tracker.log_model(bundle_dir, example)
@@ -460,19 +460,22 @@ def run_train(
             dist.barrier()
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """Flatten numeric metrics (``auroc``, ``auroc_ci_low`` ...) for MLflow."""
+def _headline(block: dict[str, Any]) -> dict[str, float]:
+    """Headline metrics of one evaluation block for MLflow: ``auroc``, ``auroc_ci_low``, ...
+
+    Takes a ``metrics.json`` block (``pooled`` or a fold) whose ``summary`` maps a metric to
+    ``{value, low, high}``; undefined values (one-class folds) are left out, not logged as NaN.
+    """
     out: dict[str, float] = {}
-
-    def walk(d: Any, prefix: str) -> None:
-        if isinstance(d, dict):
-            for k, v in d.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(d, int | float) and not isinstance(d, bool) and np.isfinite(d):
-            out[prefix] = float(d)
-
-    walk(metrics, "")
-    return {k.replace("/", "_"): v for k, v in out.items() if len(k) < 240}
+    for name, entry in (block.get("summary") or {}).items():
+        for suffix, key in (("", "value"), ("_ci_low", "low"), ("_ci_high", "high")):
+            v = entry.get(key) if isinstance(entry, dict) else None
+            if isinstance(v, int | float) and np.isfinite(v):
+                out[f"{name}{suffix}"] = float(v)
+    for key in ("n", "n_patients", "n_pos"):
+        if isinstance(block.get(key), int | float):
+            out[key] = float(block[key])
+    return out
 
 
 def _held_out_report(

@@ -372,7 +372,12 @@ def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
             "experiment_id": experiment_id,
             "parent_run_id": run_id,
             "fold_run_ids": fold_ids,
-            "model_id": getattr(mv, "model_id", None),
+            "model_id": getattr(mv, "model_id", None)
+            or (
+                mv.source.removeprefix("models:/")
+                if str(mv.source).startswith("models:/")
+                else None
+            ),
         },
         "versions": [
             {
