@@ -260,8 +260,14 @@ def evaluate(model_ref: str, manifest_path: str, out: str | None) -> None:
 @_MODEL_OPTION
 @click.argument("input_path", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path())
+@click.option(
+    "--gradcam",
+    "gradcam_dir",
+    type=click.Path(file_okay=False),
+    help="Also write Grad-CAM overlays here (2D models), named by the CSV row number.",
+)
 @_friendly
-def predict(model_ref: str, input_path: str, out: str) -> None:
+def predict(model_ref: str, input_path: str, out: str, gradcam_dir: str | None) -> None:
     """Batch prediction on a manifest or a folder of images; writes a CSV."""
     from medtl.inference import predict as run_predict
     from medtl.inference import resolve_model
@@ -270,6 +276,11 @@ def predict(model_ref: str, input_path: str, out: str) -> None:
     df = run_predict(bundle, input_path)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
+    if gradcam_dir:
+        from medtl.explain import write_gradcam_pngs
+
+        pngs = write_gradcam_pngs(bundle, input_path, gradcam_dir)
+        click.echo(f"{len(pngs)} Grad-CAM overlays written to {gradcam_dir}")
     n_err = int(df["error"].notna().sum()) if "error" in df.columns else 0
     click.echo(
         f"{len(df)} predictions written to {out}" + (f" ({n_err} unreadable)" if n_err else "")
