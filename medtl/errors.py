@@ -50,6 +50,4 @@ def look_up_option(value: str, options: Iterable[str], what: str = "option") -> 
         return value
     close = difflib.get_close_matches(str(value), [str(o) for o in opts], n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(
-        f"unknown {what} '{value}'.{hint} Valid values: {', '.join(map(str, opts))}."
-    )
+    raise ConfigError(f"unknown {what} '{value}'.{hint} Valid values: {', '.join(map(str, opts))}.")

@@ -8,6 +8,7 @@ downloads anything, it only looks for local files (see ``medtl.models.weights``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -276,15 +277,7 @@ def _volumetric_entries() -> list[BackboneSpec]:
         spatial_dims=(3,),
         builder=MonaiDenseNetFeatures,
         weights={},
-        preprocess=PreprocessSpec(
-            input_size=(96, 96, 96),
-            mean=(0.0,),
-            std=(1.0,),
-            channel_order="GREY",
-            in_chans=1,
-            interpolation="trilinear",
-            normalization="zscore",
-        ),
+        preprocess=dataclasses.replace(_MEDICALNET_PRE, input_size=(96, 96, 96)),
         first_conv="features.conv0.weight",
         group_matcher=_DENSENET3D_GROUPS,
         notes="MONAI DenseNet121(spatial_dims=3); no published pretrained weights: "
