@@ -251,7 +251,12 @@ def prepare_records(
     finally:
         if bar is not None:
             bar.stop()
-    n = len(records)
+    check_bad_fraction(bad, len(records), max_bad_fraction)
+    return PreparedData(good, bad)
+
+
+def check_bad_fraction(bad: Sequence[QuarantineEntry], n: int, max_bad_fraction: float) -> None:
+    """Raise TooManyBadFilesError when more than ``max_bad_fraction`` of ``n`` images are bad."""
     frac = len(bad) / n if n else 0.0
     if frac > max_bad_fraction:
         first = "; ".join(f"{Path(q.path).name} ({q.reason})" for q in bad[:3])
@@ -260,7 +265,6 @@ def prepare_records(
             f"data.max_bad_fraction={max_bad_fraction}; first: {first}. Fix or remove those "
             "files, or raise data.max_bad_fraction to train without them"
         )
-    return PreparedData(good, bad)
 
 
 def write_quarantine(quarantine: Sequence[QuarantineEntry], path_csv: str | Path) -> Path:

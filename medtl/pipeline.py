@@ -77,6 +77,41 @@ def _cache_dir(cfg: PipelineConfig, run_dir: Path) -> Path:
     return run_dir.parent / ".cache"
 
 
+def _prepare(
+    records: list[dict], transforms: Any, cache_dir: Path, cfg: PipelineConfig, dist: Any
+) -> tuple[list[dict], list[Any]]:
+    """Decode every image once into the cache and quarantine unreadable ones.
+
+    Under torchrun each rank decodes only its share (records[rank::world]); the quarantine
+    lists are then gathered so every rank drops the same files and the bad-file limit applies
+    to the whole manifest.
+    """
+    from medtl.data import check_bad_fraction, prepare_records
+
+    if dist.world_size == 1:
+        prepared = prepare_records(
+            records,
+            transforms,
+            cache_dir,
+            cfg.data.max_bad_fraction,
+            progress=cfg.train.progress,
+            cache=cfg.data.cache,
+        )
+        return prepared.records, list(prepared.quarantine)
+    import torch.distributed as tdist
+
+    share = records[dist.rank :: dist.world_size]
+    mine = prepare_records(share, transforms, cache_dir, 1.0, progress=False, cache=cfg.data.cache)
+    parts: list[Any] = [None] * dist.world_size
+    tdist.all_gather_object(parts, [(q.path, q.reason) for q in mine.quarantine])
+    from medtl.data import QuarantineEntry
+
+    quarantine = [QuarantineEntry(p, r) for part in parts for p, r in part]
+    check_bad_fraction(quarantine, len(records), cfg.data.max_bad_fraction)
+    bad = {q.path for q in quarantine}
+    return [r for r in records if str(r["image"]) not in bad], quarantine
+
+
 def _order_classes(cfg: PipelineConfig, df: pd.DataFrame) -> None:
     """Put ``data.positive_class`` last so binary reports treat the finding as positive."""
     pos = cfg.data.positive_class
@@ -158,7 +193,7 @@ def run_train(
         cfg.tracking.register_name = register_name
 
     from medtl.cv import make_splits, save_splits
-    from medtl.data import build_dataset, prepare_records, records_from_manifest, write_quarantine
+    from medtl.data import build_dataset, records_from_manifest, write_quarantine
     from medtl.manifest import read_manifest, validate_manifest
     from medtl.models import create_model
     from medtl.training import fit
@@ -227,16 +262,7 @@ def run_train(
     cache_dir = _cache_dir(cfg, run_dir)
     cfg.data.cache_dir = str(cache_dir)  # the feature cache of every fold and the refit lives here
     say(f"[bold]medtl train[/bold] {cfg.name}: {len(records)} images, classes {classes} ({task})")
-    prepared = prepare_records(
-        records,
-        tr_eval,
-        cache_dir,
-        cfg.data.max_bad_fraction,
-        progress=cfg.train.progress,
-        cache=cfg.data.cache,
-    )
-    records = prepared.records
-    quarantine = prepared.quarantine
+    records, quarantine = _prepare(records, tr_eval, cache_dir, cfg, dist)
     if quarantine:
         say(
             f"[yellow]{len(quarantine)} unreadable file(s) quarantined[/yellow] (see quarantine.csv)"
