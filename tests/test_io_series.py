@@ -132,6 +132,19 @@ def test_duplicate_position_error(tmp_path):
         load_image(tmp_path / "d")
 
 
+def test_grey_and_colour_slices_are_a_clean_error(tmp_path):
+    """Not numpy's ValueError: only UnreadableImageError gets a file quarantined."""
+    paths = write_series(tmp_path / "d", _volume(n=4))
+    ds = pydicom.dcmread(paths[1])
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), np.uint8).tobytes()
+    ds.save_as(paths[1], enforce_file_format=True)
+    with pytest.raises(UnreadableImageError, match="mix grey and colour"):
+        load_image(tmp_path / "d")
+
+
 def test_missing_slice_error(tmp_path):
     paths = write_series(tmp_path / "g", _volume(n=6))
     positions = {p: float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in paths}

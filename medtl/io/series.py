@@ -115,9 +115,10 @@ def load_dicom_series(
             decoded, first_ds = decoded_i, full
         slices.append(decoded_i.frames)
     assert decoded is not None
-    frames = np.concatenate(slices, axis=0)
+    # Before concatenating: numpy would raise its own ValueError, which is not quarantined.
     if len({s.shape[-1] for s in slices}) != 1:
         raise UnreadableImageError(where, "slices mix grey and colour images")
+    frames = np.concatenate(slices, axis=0)
     spacing2d = pixel_spacing(first_ds)
     step = stack.step or float(
         first_ds.get("SpacingBetweenSlices") or first_ds.get("SliceThickness") or 1.0
