@@ -14,7 +14,6 @@ config drops ``data.manifest`` to its file name, ``data.cache_dir`` and the trac
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -99,14 +98,6 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_bundle(
     bundle_dir: str | Path,
     model: Any,
@@ -133,6 +124,8 @@ def save_bundle(
             f"{len(threshold)} thresholds for {len(classes)} classes {classes}: "
             "give one per class (or a single float for binary)"
         )
+    from medtl.models.weights import sha256_file
+
     out = Path(bundle_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = _unwrap(model)
@@ -157,7 +150,7 @@ def save_bundle(
         "preprocess": _jsonable(getattr(net, "preprocess", None)),
         "weights_info": winfo,
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256(weights_path),
+        "weights_sha256": sha256_file(weights_path),
         "lineage": dict(lineage or {}),
         "metrics": _jsonable(dict(metrics or {})),
         "config": _portable_config(cfg),
@@ -204,6 +197,8 @@ def load_bundle(bundle_dir: str | Path, *, model_factory: ModelFactory | None = 
     """
     from safetensors.torch import load_model
 
+    from medtl.models.weights import sha256_file
+
     bundle_dir = find_bundle_dir(bundle_dir)
     meta = read_bundle_meta(bundle_dir)
     cfg = PipelineConfig.model_validate(meta["config"])
@@ -211,7 +206,7 @@ def load_bundle(bundle_dir: str | Path, *, model_factory: ModelFactory | None = 
     weights_path = bundle_dir / meta.get("weights_file", WEIGHTS_FILE)
     if not weights_path.is_file():
         raise WeightsError(f"bundle '{bundle_dir}' has no {weights_path.name}")
-    if meta.get("weights_sha256") and _sha256(weights_path) != meta["weights_sha256"]:
+    if meta.get("weights_sha256") and sha256_file(weights_path) != meta["weights_sha256"]:
         raise WeightsError(
             f"{weights_path} does not match the sha256 recorded in {META_FILE}: the file was "
             "altered or truncated; re-download the model"

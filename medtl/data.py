@@ -173,7 +173,7 @@ def _inner_dataset(
     if cache == "disk":
         if cache_dir is None:
             raise ConfigError("data.cache=disk needs a cache folder: set data.cache_dir")
-        folder = Path(cache_dir) / transforms.cache_key[:32]
+        folder = cache_folder(cache_dir, transforms)
         folder.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(
             items, transforms.deterministic, cache_dir=folder, hash_func=file_identity_hash

@@ -208,11 +208,9 @@ def _cell(v: Any) -> str:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    # The same digest as medtl.models.weights.sha256_file, without importing torch here.
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _path_digest(path: Path) -> str:

@@ -60,12 +60,9 @@ def _hf_cache_dir() -> Path:
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
+    """Hex sha256 of a file (streamed by the standard library)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_index(weights_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
