@@ -70,10 +70,12 @@ def main() -> None:
 def inspect(path: str, as_json: bool, png: str | None) -> None:
     """Show what the pipeline reads from one image file or DICOM series folder."""
     from medtl.inspect import inspect_path, write_preview
+    from medtl.io import load_image
 
-    info = inspect_path(path)
+    image = load_image(path)  # decoded once, for the table and the preview
+    info = inspect_path(path, image)
     if png:
-        write_preview(path, png)
+        write_preview(image, png)
         info["preview"] = png
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))

@@ -20,7 +20,7 @@ _PREVIEW_STRETCH = (0.5, 99.5)
 _DISPLAY_AXES = "SPL"
 
 
-def inspect_path(path: str | Path) -> dict:
+def inspect_path(path: str | Path, image: LoadedImage | None = None) -> dict:
     """Describe an image file or DICOM series folder as a JSON-safe dict.
 
     Keys: format, shape (channel-first), dtype (as stored), spatial_dims, spacing,
@@ -28,10 +28,12 @@ def inspect_path(path: str | Path) -> dict:
     n_frames, transfer_syntax, bits_stored, rescale_applied, window_center/width,
     min, max, mean, p<q> percentiles.
 
+    ``image`` is ``path`` already loaded (the CLI reuses it for the preview).
+
     Raises:
         UnreadableImageError: the path cannot be read.
     """
-    image = load_image(path)
+    image = image if image is not None else load_image(path)
     meta = image.meta
     arr = image.array
     info: dict = {
