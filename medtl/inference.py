@@ -123,16 +123,6 @@ def resolve_model(
 
 
 # ---------------------------------------------------------------- inputs
-def _is_dicom(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
@@ -145,6 +135,8 @@ def collect_inputs(folder: str | Path, volumes: bool = False) -> list[tuple[str,
     files (txt, csv, json, ...) and hidden files are skipped; any other file is returned so
     that ``predict`` reports it as unreadable instead of dropping it.
     """
+    from medtl.io import is_dicom
+
     root = Path(folder)
     files = sorted(
         p
@@ -157,7 +149,7 @@ def collect_inputs(folder: str | Path, volumes: bool = False) -> list[tuple[str,
         suf = _suffix(p)
         if suf in _SIDECAR_SUFFIXES:
             continue
-        if suf in (".dcm", ".dicom") or (suf not in IMAGE_SUFFIXES and _is_dicom(p)):
+        if suf in (".dcm", ".dicom") or (suf not in IMAGE_SUFFIXES and is_dicom(p)):
             dicom_dirs.setdefault(p.parent, []).append(p)
         else:
             singles.append(p)
