@@ -152,9 +152,10 @@ def file_identity_hash(item: dict) -> bytes:
     p = Path(item["image"])
     try:
         if p.is_dir():
-            ident: Any = sorted(
-                (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()
-            )
+            # One stat per member: this runs on every __getitem__ of the cached dataset.
+            with os.scandir(p) as it:
+                stats = [(e.name, e.stat()) for e in it if e.is_file()]
+            ident: Any = sorted((n, st.st_size, st.st_mtime_ns) for n, st in stats)
         else:
             st = p.stat()
             ident = [st.st_size, st.st_mtime_ns]

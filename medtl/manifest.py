@@ -111,11 +111,6 @@ class Manifest:
             patient_column=patient_column,
         )
 
-    @property
-    def paths(self) -> list[Path]:
-        """Absolute path of every row's image."""
-        return [Path(p) for p in self.df[PATH_COLUMN]]
-
     def where(self, row: int) -> str:
         """Human location of a row: the CSV line number (header is line 1) or the row index."""
         if self.source is not None and self.source.suffix.lower() in (".csv", ".tsv"):
@@ -480,19 +475,18 @@ def validate_manifest(
                     rows,
                 )
             )
-    for col, code, what in (("fold", "patient_in_several_folds", "folds"),):
-        if col in df.columns:
-            spread = df[valid_pat].groupby(pat)[col].nunique()
-            leaking = sorted(spread[spread > 1].index)
-            if leaking:
-                errors.append(
-                    Issue(
-                        code,
-                        f"{len(leaking)} patient(s) appear in several {what} (leakage between "
-                        f"training and validation): {_examples(leaking)}; assign folds per patient",
-                        rows_where(df[pat].isin(leaking)),
-                    )
+    if "fold" in df.columns:
+        spread = df[valid_pat].groupby(pat)["fold"].nunique()
+        leaking = sorted(spread[spread > 1].index)
+        if leaking:
+            errors.append(
+                Issue(
+                    "patient_in_several_folds",
+                    f"{len(leaking)} patient(s) appear in several folds (leakage between "
+                    f"training and validation): {_examples(leaking)}; assign folds per patient",
+                    rows_where(df[pat].isin(leaking)),
                 )
+            )
     if "split" in df.columns:
         is_test = df["split"].astype(str).str.lower().eq("test")
         test_p = set(df.loc[valid_pat & is_test, pat])
