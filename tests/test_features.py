@@ -117,6 +117,18 @@ def test_image_change_invalidates_its_entry(tmp_path):
     assert FeatureCache(tmp_path / "c", "j" * 64).load(img) is None  # other model key
 
 
+def test_two_slices_of_one_volume_are_two_entries(tmp_path):
+    """2.5D: rows of one volume at different slices must not share an embedding."""
+    vol = tmp_path / "ct.nii.gz"
+    vol.write_bytes(b"x" * 10)
+    cache = FeatureCache(tmp_path / "c", "k" * 64)
+    cache.save(vol, np.zeros(4, np.float32), slice_index=3)
+    cache.save(vol, np.ones(4, np.float32), slice_index=7)
+    np.testing.assert_array_equal(cache.load(vol, slice_index=3), np.zeros(4))
+    np.testing.assert_array_equal(cache.load(vol, slice_index=7), np.ones(4))
+    assert cache.load(vol) is None
+
+
 def test_logistic_head_equals_sklearn_probabilities():
     """The LR coefficients copied into a 2-column softmax head give sklearn's probabilities."""
     from sklearn.linear_model import LogisticRegression

@@ -436,20 +436,22 @@ class Engine:
             return value < self.best_metric
         return value > self.best_metric
 
+    def keep_best(self, epoch: int) -> None:
+        """Remember the current weights as the best so far and write best.pt (rank 0, atomic)."""
+        self.best_epoch = epoch
+        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        if self.dist.is_main:
+            _atomic_save(
+                {"model": self.best_state, "epoch": epoch, "metric": self.best_metric},
+                self.workdir / "best.pt",
+            )
+
     def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
         """Best checkpoint, early-stopping counter, last.pt every ``checkpoint_every`` epochs, log."""
         if self.val_ds is None or self.improved(row):
             self.best_metric = row.get(self.tcfg.monitor) if self.val_ds is not None else None
-            self.best_epoch = epoch
             self.bad_epochs = 0
-            self.best_state = {
-                k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-            }
-            if self.dist.is_main:
-                _atomic_save(
-                    {"model": self.best_state, "epoch": epoch, "metric": self.best_metric},
-                    self.workdir / "best.pt",
-                )
+            self.keep_best(epoch)
         else:
             self.bad_epochs += 1
         patience = self.tcfg.early_stopping_patience

@@ -58,20 +58,16 @@ def backbone_fingerprint(model: nn.Module) -> str:
 
 
 def transform_key(cfg: PipelineConfig, model: nn.Module) -> str:
-    """The deterministic-preprocessing identity: medtl.transforms' key, plus the model's
-    preprocessing contract (augmentation settings are excluded: features never see them)."""
-    preprocess = getattr(model, "preprocess", None)
-    try:
-        from medtl.transforms import transform_cache_key
-    except ImportError:  # transforms stage not installed: the config describes the same thing
-        key = cfg.transforms.model_dump(mode="json")
-    else:
-        key = transform_cache_key(
-            cfg.transforms, preprocess, cfg.model.in_channels, cfg.model.channel_adapt
-        )
-    return hashlib.sha256(
-        json.dumps([key, cfg.model.channel_adapt, repr(preprocess)], default=str).encode()
-    ).hexdigest()
+    """The deterministic-preprocessing identity (medtl.transforms' cache key, which covers the
+    model's preprocessing contract; augmentation is excluded: features never see it)."""
+    from medtl.transforms import transform_cache_key
+
+    return transform_cache_key(
+        cfg.transforms,
+        getattr(model, "preprocess", None),
+        cfg.model.in_channels,
+        cfg.model.channel_adapt,
+    )
 
 
 def feature_model_key(cfg: PipelineConfig, model: nn.Module, dtype: torch.dtype | None) -> str:
@@ -88,18 +84,12 @@ def feature_model_key(cfg: PipelineConfig, model: nn.Module, dtype: torch.dtype 
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def image_file_key(path: str | os.PathLike) -> str:
-    """Path + size + mtime (a series folder: each file's name, size and mtime)."""
-    p = Path(path)
-    if p.is_dir():
-        entries = sorted(
-            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file()
-        )
-        ident = [str(p.resolve()), entries]
-    else:
-        st = p.stat()
-        ident = [str(p.resolve()), st.st_size, st.st_mtime_ns]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
+def image_file_key(path: str | os.PathLike, slice_index: Any = None) -> str:
+    """Path + size + mtime (a series folder: each file's) + the 2.5D slice: the same identity
+    as the decoded-image cache (``medtl.data.file_identity_hash``)."""
+    from medtl.data import SLICE_COLUMN, file_identity_hash
+
+    return file_identity_hash({"image": str(path), SLICE_COLUMN: slice_index}).decode()
 
 
 class FeatureCache:
@@ -109,13 +99,20 @@ class FeatureCache:
         self.dir = Path(root) / model_key[:32]
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _file(self, image: str | os.PathLike) -> Path:
-        k = image_file_key(image)
-        return self.dir / k[:2] / f"{k}.npy"
+    def file_for(self, image_key: str) -> Path:
+        """Where the embedding with this :func:`image_file_key` lives."""
+        return self.dir / image_key[:2] / f"{image_key}.npy"
 
-    def load(self, image: str | os.PathLike) -> np.ndarray | None:
+    def load(self, image: str | os.PathLike, slice_index: Any = None) -> np.ndarray | None:
         """The cached embedding of ``image``, or None."""
-        f = self._file(image)
+        return self.read(self.file_for(image_file_key(image, slice_index)))
+
+    def save(self, image: str | os.PathLike, emb: np.ndarray, slice_index: Any = None) -> None:
+        """Store an embedding (atomic rename)."""
+        self.write(self.file_for(image_file_key(image, slice_index)), emb)
+
+    @staticmethod
+    def read(f: Path) -> np.ndarray | None:
         if not f.is_file():
             return None
         try:
@@ -123,9 +120,8 @@ class FeatureCache:
         except (OSError, ValueError):
             return None  # a torn file from a killed run: recompute it
 
-    def save(self, image: str | os.PathLike, emb: np.ndarray) -> None:
-        """Store an embedding (atomic rename)."""
-        f = self._file(image)
+    @staticmethod
+    def write(f: Path, emb: np.ndarray) -> None:
         f.parent.mkdir(exist_ok=True)
         tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, np.asarray(emb, dtype=np.float32), allow_pickle=False)
@@ -149,8 +145,9 @@ def extract_features(engine: Engine, dataset: Any) -> np.ndarray:
         feature_cache_root(engine.cfg, engine.workdir),
         feature_model_key(engine.cfg, model, engine.amp_dtype),
     )
-    paths = [r["image"] for r in dataset.records]
-    found = [cache.load(p) for p in paths]
+    # Keyed per record, slice included: 2.5D rows of one volume are different inputs.
+    files = [cache.file_for(image_file_key(r["image"], r.get("slice"))) for r in dataset.records]
+    found = [cache.read(f) for f in files]
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
         sub = torch.utils.data.Subset(deterministic_view(dataset), missing)
@@ -158,7 +155,7 @@ def extract_features(engine: Engine, dataset: Any) -> np.ndarray:
         for j, i in enumerate(missing):
             found[i] = rows[j]
             if engine.dist.is_main:
-                cache.save(paths[i], rows[j])
+                cache.write(files[i], rows[j])
     engine.dist.barrier()
     if not found:
         return np.zeros((0, getattr(model, "num_features", 0)), np.float32)
@@ -403,13 +400,7 @@ def run_feature_extraction(engine: Engine) -> None:
     rows, xva = fit_head(engine, engine.cfg.train.epochs, phase="head")
     engine.history = rows
     best = [r["epoch"] for r in rows if r.get("best")]
-    engine.best_epoch = best[-1] if best else rows[-1]["epoch"]
-    engine.best_state = {k: v.detach().cpu().clone() for k, v in engine.model.state_dict().items()}
-    if engine.dist.is_main:
-        torch.save(
-            {"model": engine.best_state, "epoch": engine.best_epoch, "metric": None},
-            engine.workdir / "best.pt",
-        )
+    engine.keep_best(best[-1] if best else rows[-1]["epoch"])
     if xva is not None:
         engine.val_probs = _head_probs(engine, xva)
         engine.val_probs_final = True
