@@ -30,15 +30,24 @@ def last_conv_layer(model: nn.Module) -> str:
 
 
 def gradcam_maps(
-    model: nn.Module, images: torch.Tensor, class_index: int, layer: str | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    class_index: int,
+    layer: str | None = None,
+    cam: Any = None,
 ) -> np.ndarray:
-    """Grad-CAM maps ``(B, H, W)`` in [0, 1] for ``class_index``, at the input resolution."""
+    """Grad-CAM maps ``(B, H, W)`` in [0, 1] for ``class_index``, at the input resolution.
+
+    Pass ``cam`` (a MONAI ``GradCAM`` on ``model``) when calling in a loop: each new GradCAM
+    registers its own hooks on the target layer, and they are never removed.
+    """
     from monai.visualize import GradCAM
 
     if images.ndim != 4:
         raise ConfigError("Grad-CAM overlays are for 2D models (transforms.preset cxr_2d/ct_2p5d)")
     model.eval()
-    cam = GradCAM(nn_module=model, target_layers=layer or last_conv_layer(model))
+    if cam is None:
+        cam = GradCAM(nn_module=model, target_layers=layer or last_conv_layer(model))
     with torch.enable_grad():
         maps = cam(x=images.float(), class_idx=class_index)
     return maps[:, 0].detach().cpu().numpy()
@@ -75,10 +84,13 @@ def write_gradcam_pngs(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from monai.visualize import GradCAM
+
     tf = transform or _default_transform(bundle)
     model = bundle.model.cpu().eval()
     if class_name is not None:
         look_up_option(class_name, bundle.classes, "Grad-CAM class")
+    cam_op = GradCAM(nn_module=model, target_layers=last_conv_layer(model))  # hooks: once
     written: list[Path] = []
     items = _inputs(inputs, bundle.cfg.transforms.preset in _VOLUME_PRESETS)
     for i, (_, path) in enumerate(items):
@@ -86,15 +98,14 @@ def write_gradcam_pngs(
             x = torch.as_tensor(np.asarray(tf({"image": str(path)})["image"]))[None]
         except Exception:  # noqa: BLE001 - unreadable: listed by predict with its reason
             continue
-        with torch.no_grad():
-            logits = model(x.float())
         if class_name is not None:
             idx = bundle.classes.index(class_name)
         elif bundle.task == "binary":
             idx = 1
         else:
-            idx = int(logits.argmax(1))
-        cam = gradcam_maps(model, x, idx)[0]
+            with torch.no_grad():
+                idx = int(model(x.float()).argmax(1))
+        cam = gradcam_maps(model, x, idx, cam=cam_op)[0]
         img = _display(x[0].numpy())
         fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=100)
         for ax in axes:
