@@ -76,7 +76,7 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def _portable_config(cfg: PipelineConfig) -> dict[str, Any]:
+def portable_config(cfg: PipelineConfig) -> dict[str, Any]:
     """The config to store in a bundle: no local paths, no credentials (see module doc)."""
     d = cfg.model_dump(mode="json")
     if d["data"].get("manifest"):
@@ -87,15 +87,6 @@ def _portable_config(cfg: PipelineConfig) -> dict[str, Any]:
     if d["model"].get("weights_path"):
         d["model"]["weights_path"] = Path(d["model"]["weights_path"]).name
     return d
-
-
-def _unwrap(model: Any) -> Any:
-    """The plain module behind DDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if inner is not None and hasattr(inner, "state_dict"):
-            model = inner
-    return model
 
 
 def save_bundle(
@@ -125,10 +116,11 @@ def save_bundle(
             "give one per class (or a single float for binary)"
         )
     from medtl.models.weights import sha256_file
+    from medtl.training.distributed import unwrap
 
     out = Path(bundle_dir)
     out.mkdir(parents=True, exist_ok=True)
-    net = _unwrap(model)
+    net = unwrap(model)
     weights_path = out / WEIGHTS_FILE
     save_model(net, str(weights_path), metadata={"format": BUNDLE_FORMAT})
 
@@ -153,7 +145,7 @@ def save_bundle(
         "weights_sha256": sha256_file(weights_path),
         "lineage": dict(lineage or {}),
         "metrics": _jsonable(dict(metrics or {})),
-        "config": _portable_config(cfg),
+        "config": portable_config(cfg),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False))
     return out

@@ -183,7 +183,7 @@ class PipelineConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Flattened ``a.b.c -> value`` view, for MLflow params and reports."""
-        return _flatten(self.model_dump(mode="json"))
+        return flatten_dict(self.model_dump(mode="json"))
 
     def identity(self) -> str:
         """Short sha256 of the resolved config: an output's identity is its config's."""
@@ -194,12 +194,13 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (config views for MLflow params and reports)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_dict(v, key + "."))
         else:
             out[key] = v
     return out

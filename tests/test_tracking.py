@@ -278,3 +278,23 @@ def test_real_backbone_bundle_through_pyfunc(demo_data, tracked):
     np.testing.assert_allclose(
         served[f"prob_{classes[-1]}"], local[f"prob_{classes[-1]}"], rtol=1e-5
     )
+
+
+def test_params_carry_file_names_not_local_folders(tmp_path):
+    """A home folder in model.weights_path or data.manifest must not become an MLflow param."""
+    from medtl.config import build_config
+    from medtl.tracking.runs import TrainTracker
+
+    cfg = build_config(
+        {},
+        [
+            "model.weights_path=/home/dr_smith/weights/resnet50.pth",
+            "data.manifest=/data/st_marys/manifest.csv",
+            "data.cache_dir=/scratch/dr_smith/cache",
+        ],
+    )
+    params = TrainTracker(TrackingConfig(uri=f"sqlite:///{tmp_path / 'x.db'}"), cfg, {})._params()
+    assert params["model.weights_path"] == "resnet50.pth"
+    assert params["data.manifest"] == "manifest.csv"
+    assert "data.cache_dir" not in params and "tracking.uri" not in params
+    assert "dr_smith" not in json.dumps(params) and "st_marys" not in json.dumps(params)

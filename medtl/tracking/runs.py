@@ -249,9 +249,11 @@ class TrainTracker:
         self.run_name = run.info.run_name
 
     def _params(self) -> dict[str, str]:
-        flat = self.cfg.flat()
-        if flat.get("data.manifest"):
-            flat["data.manifest"] = Path(str(flat["data.manifest"])).name
+        from medtl.bundle import portable_config
+        from medtl.config import flatten_dict
+
+        # The bundle's scrub (file names only, no local folders or URIs), then drop what it blanked.
+        flat = flatten_dict(portable_config(self.cfg))
         for key in ("data.cache_dir", "tracking.uri", "tracking.artifact_location"):
             flat.pop(key, None)
         out = {}
