@@ -148,11 +148,9 @@ def _oof_frame(
     fold: int,
     classes: list[str],
     task: str,
-    threshold: Any,
     extra_cols: list[str],
 ) -> pd.DataFrame:
-    from medtl.inference import labels_from_probs
-
+    """Out-of-fold rows for the report (which derives ``pred`` from the thresholds itself)."""
     rows = {
         "image": [r["image_rel"] for r in records],
         "patient_id": [r["patient_id"] for r in records],
@@ -161,7 +159,6 @@ def _oof_frame(
     }
     for i, c in enumerate(classes):
         rows[f"prob_{c}"] = probs[:, i]
-    rows["pred"] = labels_from_probs(probs, task, threshold, classes)
     for col in extra_cols:
         rows[col] = [r.get(col) for r in records]
     return pd.DataFrame(rows)
@@ -237,14 +234,17 @@ def run_train(
         patient_col=cfg.data.patient_column,
         seed=cfg.seed,
     )
+    # Whole columns once; a per-record .iloc builds a pandas Series each time.
+    fold_of, split_of = split_df["fold"].to_numpy(), split_df["split"].to_numpy()
+    image_of = manifest.df["image"].to_numpy()
+    subgroup_of = {col: manifest.df[col].to_numpy() for col in subgroups}
     for r in records:
-        row = split_df.iloc[r["row"]]
-        r["fold"] = int(row["fold"])
-        r["split"] = str(row["split"])
-        r["image_rel"] = str(manifest.df.iloc[r["row"]]["image"])
-        for col in subgroups:
-            val = manifest.df.iloc[r["row"]][col]
-            r[col] = None if pd.isna(val) else str(val)
+        i = r["row"]
+        r["fold"] = int(fold_of[i])
+        r["split"] = str(split_of[i])
+        r["image_rel"] = str(image_of[i])
+        for col, values in subgroup_of.items():
+            r[col] = None if pd.isna(values[i]) else str(values[i])
 
     # 2. Preprocessing derived from the backbone's weights contract; decode once into the cache.
     # Building the model here also fails fast on missing weights, before any decoding.
@@ -273,7 +273,7 @@ def run_train(
     if is_main:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         save_splits(
-            split_df.assign(image=manifest.df["image"]),
+            split_df,
             run_dir / "fold_assignments.csv",
             label_col=cfg.data.label_column,
             patient_col=cfg.data.patient_column,
@@ -300,7 +300,6 @@ def run_train(
     fold_outputs: dict[int, tuple[list[dict], np.ndarray]] = {}
     fold_runs: dict[int, Any] = {}
     best_epochs: list[int] = []
-    histories: dict[int, list[dict]] = {}
     status = "FAILED"
     try:
         for k in folds:
@@ -322,7 +321,6 @@ def run_train(
                 dist=dist,
             )
             best_epochs.append(int(result.best_epoch) + 1)  # epochs trained up to the best one
-            histories[k] = result.history
             if not is_main:
                 continue
             fold_outputs[k] = (va, result.val_probs)
@@ -344,24 +342,7 @@ def run_train(
                 else:  # a single fold was run (cv.only_folds): nothing else to tune on
                     thr = _thresholds(np.asarray([r["label"] for r in va]), probs, task, cfg)
                 fold_thresholds[k] = thr
-                part = _oof_frame(va, probs, k, classes, task, thr, subgroups)
-                oof_parts.append(part)
-                if k in fold_runs:
-                    from medtl.evaluation.metrics import evaluate
-
-                    fm = evaluate(
-                        part,
-                        classes,
-                        task,
-                        thr,
-                        patient_col="patient_id",
-                        n_boot=0,
-                        ci=cfg.evaluation.ci,
-                        seed=cfg.seed,
-                        subgroups=[],
-                    )
-                    fold_runs[k].log_metrics(_headline(fm.get("pooled", {})))
-                    fold_runs[k].end()
+                oof_parts.append(_oof_frame(va, probs, k, classes, task, subgroups))
 
         # 4. Final model: refit on every non-test patient by the same procedure.
         final_epochs = max(1, int(statistics.median(best_epochs))) if best_epochs else 1
@@ -438,6 +419,10 @@ def run_train(
             run_info=run_info,
         )
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        # Fold runs get the report's own per-fold metrics (no second evaluation here).
+        for k, fold_run in fold_runs.items():
+            fold_run.log_metrics(_headline(metrics.get("folds", {}).get(str(k), {})))
+            fold_run.end()
 
         from medtl.bundle import save_bundle
 
@@ -513,7 +498,7 @@ def _held_out_report(
 
     ds = build_dataset(test, tr_eval, cache_dir, cfg.data.cache)
     probs = predict_proba(model, ds, cfg)
-    df = _oof_frame(test, probs, -1, classes, task, threshold, cfg.evaluation.subgroups)
+    df = _oof_frame(test, probs, -1, classes, task, cfg.evaluation.subgroups)
     write_evaluation_report(
         run_dir / "test", df, classes, task, threshold, cfg, {"source": "held-out test split"}
     )
