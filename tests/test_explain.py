@@ -13,6 +13,8 @@ from medtl.models import create_model
 
 
 def test_gradcam_overlays_for_demo_images(demo_data, tmp_path):
+    # Seeded: with an untrained random head a class's map can be all zero (ReLU), by chance.
+    torch.manual_seed(0)
     cfg = build_config({}, ["transforms.spatial_size=[64,64]", "data.positive_class=nodule"])
     model = create_model(cfg.model, 2)
     save_bundle(tmp_path / "bundle", model, cfg, ["normal", "nodule"], "binary", 0.5)
