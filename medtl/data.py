@@ -105,6 +105,13 @@ def records_from_manifest(manifest: Any, cfg: PipelineConfig) -> tuple[list[dict
             )
     found = sorted({t for c in cells for t in c})
     classes = [str(c) for c in dcfg.classes] if dcfg.classes else found
+    if dcfg.positive_class is not None:  # the finding goes last: the "positive" class of reports
+        if dcfg.positive_class not in classes:
+            raise ConfigError(
+                f"data.positive_class '{dcfg.positive_class}' is not a label in the manifest; "
+                f"labels: {', '.join(classes)}"
+            )
+        classes = [c for c in classes if c != dcfg.positive_class] + [dcfg.positive_class]
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ManifestError(

@@ -112,23 +112,6 @@ def _prepare(
     return [r for r in records if str(r["image"]) not in bad], quarantine
 
 
-def _order_classes(cfg: PipelineConfig, df: pd.DataFrame) -> None:
-    """Put ``data.positive_class`` last so binary reports treat the finding as positive."""
-    pos = cfg.data.positive_class
-    if pos is None:
-        return
-    if cfg.data.classes:
-        classes = list(cfg.data.classes)
-    else:
-        cells = df[cfg.data.label_column].dropna().astype(str)
-        classes = sorted({c for cell in cells for c in cell.split(cfg.data.label_separator)})
-    if pos not in classes:
-        raise ConfigError(
-            f"data.positive_class '{pos}' is not a label in the manifest; labels: {', '.join(classes)}"
-        )
-    cfg.data.classes = [c for c in classes if c != pos] + [pos]
-
-
 def _label_names(label: Any, classes: list[str], task: str) -> str:
     if task == "multilabel":
         return "|".join(c for c, v in zip(classes, label, strict=True) if v)
@@ -221,7 +204,6 @@ def run_train(
         log.warning("subgroup column(s) %s not in the manifest; skipped", missing_sub)
     subgroups = [c for c in cfg.evaluation.subgroups if c in manifest.df.columns]
 
-    _order_classes(cfg, manifest.df)
     records, classes = records_from_manifest(manifest, cfg)
     task = _resolve_task(cfg, records, classes)
     cfg.data.task = task

@@ -19,7 +19,7 @@ from medtl.data import (
     records_from_manifest,
     write_quarantine,
 )
-from medtl.errors import ManifestError, TooManyBadFilesError
+from medtl.errors import ConfigError, ManifestError, TooManyBadFilesError
 from medtl.manifest import Manifest, read_manifest
 from medtl.models.registry import PreprocessSpec
 from medtl.transforms import build_transforms
@@ -58,6 +58,18 @@ def test_records_single_label(tmp_path):
     assert records[1]["patient_id"] == "p0" and records[3]["row"] == 3
     assert records[2]["slice"] == 5
     assert Path(records[0]["image"]).is_absolute()
+
+
+def test_positive_class_goes_last(tmp_path):
+    m = _manifest(tmp_path, ["normal", "nodule", "normal", "nodule"])
+    cfg = _cfg()
+    cfg.data.positive_class = "nodule"
+    records, classes = records_from_manifest(m, cfg)
+    assert classes == ["normal", "nodule"]
+    assert [r["label"] for r in records] == [0, 1, 0, 1]
+    cfg.data.positive_class = "effusion"
+    with pytest.raises(ConfigError, match="data.positive_class 'effusion'.*nodule, normal"):
+        records_from_manifest(m, cfg)
 
 
 def test_records_given_classes_and_multilabel(tmp_path):
