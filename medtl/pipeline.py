@@ -366,11 +366,12 @@ def run_train(
             "fold_thresholds": {str(k): v for k, v in fold_thresholds.items()},
             "final_threshold": threshold,
             "threshold_method": cfg.cv.threshold,
+            # None (one fold run): the report's default source, and its optimism note, apply.
             "threshold_source": (
                 "the other folds' predictions (never on the fold it is applied to); the "
                 "deployed model's threshold on all pooled out-of-fold predictions"
                 if len(fold_outputs) > 1
-                else "the same fold's validation predictions (only one fold was run)"
+                else None
             ),
             "best_epochs": best_epochs,
             "final_epochs": final_epochs,

@@ -75,7 +75,7 @@ METRIC_LABELS = {
 }
 FOLD_COLUMNS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv")
 SUBGROUP_COLUMNS = ("auroc", "sensitivity", "specificity", "ppv", "npv")
-# What medtl.pipeline does today: each fold's threshold comes from that fold's validation set.
+# When run_info gives no threshold_source (medtl.pipeline gives one unless a single fold ran).
 DEFAULT_THRESHOLD_SOURCE = "each fold's own validation predictions (the out-of-fold predictions)"
 
 
@@ -525,11 +525,7 @@ def _limitations(
             "Pooled out-of-fold results combine predictions of the fold models, each at its own "
             "fold's threshold; the deployed model is refit on all patients."
         )
-        if (
-            threshold_source is None
-            or threshold_source == DEFAULT_THRESHOLD_SOURCE
-            or "same" in threshold_source
-        ):
+        if threshold_source is None or threshold_source == DEFAULT_THRESHOLD_SOURCE:
             notes.append(
                 "Thresholds were chosen on the same validation predictions they are scored on, so "
                 "sensitivity, specificity, PPV, NPV, F1 and accuracy are optimistic; AUROC, AUPRC, "

@@ -183,8 +183,8 @@ def _outline(info: Mapping[str, Any]) -> tuple[str, list[tuple[str, list[tuple]]
                 ("p", f"Threshold(s): {json.dumps(thr)}."),
                 (
                     "p",
-                    f"Chosen per validation fold by the '{how}' rule; the final model uses the "
-                    "median of the per-fold thresholds.",
+                    f"Chosen by the '{how}' rule on held-out predictions: each fold's on the other "
+                    "folds' out-of-fold predictions, the final model's on all of them pooled.",
                 ),
             ],
         )
