@@ -245,6 +245,7 @@ class Engine:
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.val_probs: np.ndarray | None = None
         self.val_probs_final = False  # set by paths that already computed them from best weights
+        self.best_val_probs: np.ndarray | None = None  # validate()'s output at the best epoch
         self._current: nn.Module = self.model
         self._wrapped: nn.Module | None = None
         self._wrapped_key: frozenset[int] | None = None
@@ -388,7 +389,7 @@ class Engine:
                 # Summed on the device: a host sync every step would stall the GPU queue.
                 loss_sum = loss_sum + loss.detach().float() * bs
                 n_seen += bs
-                if (i + 1) % 10 == 0 or i + 1 == n_batches:
+                if bar is not None and ((i + 1) % 10 == 0 or i + 1 == n_batches):
                     rate = n_seen / max(time.perf_counter() - t0, 1e-9)
                     bar(i + 1, f"loss {float(loss_sum) / n_seen:.4f}  {rate:.1f} img/s")
         total_loss = float(loss_sum)
@@ -451,6 +452,8 @@ class Engine:
         if self.val_ds is None or self.improved(row):
             self.best_metric = row.get(self.tcfg.monitor) if self.val_ds is not None else None
             self.bad_epochs = 0
+            if self.val_ds is not None:
+                self.best_val_probs = self.val_probs
             self.keep_best(epoch)
         else:
             self.bad_epochs += 1
@@ -540,7 +543,9 @@ class Engine:
         self.model.eval()
         if self.val_probs_final:
             return
-        if self.val_ds is not None:
+        if self.best_val_probs is not None:  # computed by validate() with these very weights
+            self.val_probs = self.best_val_probs
+        elif self.val_ds is not None:  # resumed: the best epoch's outputs are not in memory
             self.val_probs = probabilities(self.infer_logits(self.val_ds), self.task)
         else:
             self.val_probs = np.zeros((0, self.num_classes), dtype=np.float32)
@@ -552,7 +557,7 @@ class Engine:
 
 class _NoBar:
     def __enter__(self):
-        return lambda done, info: None
+        return None  # callers skip formatting (and its host sync) when there is no bar
 
     def __exit__(self, *exc):
         return False
