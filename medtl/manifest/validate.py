@@ -1,0 +1,421 @@
+"""Checks of a manifest before training: one function per check, a report and its summary."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from medtl.errors import UnreadableImageError
+from medtl.manifest._shared import examples, iter_progress
+from medtl.manifest.table import (
+    IMAGE_COLUMN,
+    PATH_COLUMN,
+    Manifest,
+    _is_missing,
+    manifest_content_hash,
+)
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One validation finding: a stable ``code``, a readable message and the rows involved."""
+
+    code: str
+    message: str
+    rows: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict:
+        """JSON-safe form."""
+        return {"code": self.code, "message": self.message, "rows": list(self.rows)}
+
+
+@dataclass
+class ValidationReport:
+    """What ``validate_manifest`` found: errors block training, warnings are worth a look."""
+
+    errors: list[Issue]
+    warnings: list[Issue]
+    summary: dict
+    content_hash: str | None
+    source: str | None = None
+    deep: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors."""
+        return not self.errors
+
+    def codes(self) -> set[str]:
+        """Codes of every error and warning (handy in tests and scripts)."""
+        return {i.code for i in self.errors + self.warnings}
+
+    def to_dict(self) -> dict:
+        """JSON-safe form (``medtl manifest validate --json``)."""
+        return {
+            "source": self.source,
+            "ok": self.ok,
+            "deep": self.deep,
+            "errors": [i.to_dict() for i in self.errors],
+            "warnings": [i.to_dict() for i in self.warnings],
+            "summary": self.summary,
+            "content_hash": self.content_hash,
+        }
+
+
+def validate_manifest(
+    manifest: Manifest,
+    deep: bool = False,
+    classes: Sequence[str] | None = None,
+    progress: bool = False,
+    min_patients_per_class: int = 5,
+    label_separator: str = "|",
+    hash_files: bool = True,
+) -> ValidationReport:
+    """Check a manifest before training; never raises for data problems, reports them.
+
+    Errors: empty manifest, missing label or patient id, missing file or empty folder,
+    an image listed twice, a label not in ``classes``, a patient in several folds or in
+    both train and test, and (``deep``) a file that cannot be decoded, with the reason.
+    Warnings: a patient with different labels, a class with fewer than
+    ``min_patients_per_class`` patients, a class in ``classes`` with no image.
+
+    Args:
+        manifest: from :func:`read_manifest`.
+        deep: decode every image with ``medtl.io.load_image`` (slow; finds corrupt files).
+        classes: allowed labels; None accepts any.
+        progress: show a progress bar for the deep pass.
+        min_patients_per_class: below this a class gets a warning (5 = one per CV fold).
+        label_separator: separator of multi-label cells.
+        hash_files: include file bytes in ``content_hash`` (see :func:`manifest_content_hash`).
+    """
+    source = str(manifest.source) if manifest.source else None
+    if manifest.df.empty:
+        empty = Issue("empty", f"manifest {source or ''} has no rows".replace("  ", " "))
+        return ValidationReport([empty], [], {"images": 0}, None, source, deep)
+    has_labels = manifest.label_column in manifest.df.columns
+    class_set = set(classes) if classes is not None else None
+    per_row = _labels_per_row(manifest, class_set, label_separator) if has_labels else []
+
+    errors = _check_missing_values(manifest, has_labels)
+    exists, missing, empty_dirs = _locate_files(manifest)
+    errors += _check_files(manifest, missing, empty_dirs)
+    errors += _check_duplicates(manifest, has_labels)
+    warnings: list[Issue] = []
+    if has_labels and class_set is not None:
+        errors += _check_unknown_labels(manifest, per_row, class_set)
+        warnings += _check_absent_classes(per_row, class_set)
+    if has_labels:
+        warnings += _check_patient_label_conflicts(manifest)
+    errors += _check_patient_in_several_folds(manifest)
+    errors += _check_patient_in_train_and_test(manifest)
+    if deep:
+        errors += _check_decodable(manifest, exists, progress)
+
+    lab = manifest.label_column if has_labels else None
+    summary = _summary(manifest.df, manifest.patient_column, lab, per_row)
+    if has_labels:
+        warnings += _check_rare_classes(summary, min_patients_per_class)
+    content_hash = manifest_content_hash(manifest, include_files=hash_files)
+    return ValidationReport(errors, warnings, summary, content_hash, source, deep)
+
+
+# ---------------------------------------------------------------------------- checks
+def _rows_where(mask: pd.Series) -> tuple[int, ...]:
+    """Positions of the True cells of ``mask``."""
+    return tuple(int(i) for i in np.flatnonzero(mask.to_numpy()))
+
+
+def _patients_with(manifest: Manifest, patients: Sequence[Any]) -> tuple[int, ...]:
+    """Rows of any of ``patients``."""
+    return _rows_where(manifest.df[manifest.patient_column].isin(patients))
+
+
+def _check_missing_values(manifest: Manifest, has_labels: bool) -> list[Issue]:
+    """Rows with an empty image, patient id or (when present) label cannot be trained on."""
+    df = manifest.df
+    required = [(IMAGE_COLUMN, "missing_image"), (manifest.patient_column, "missing_patient")]
+    if has_labels:
+        required.append((manifest.label_column, "missing_label"))
+    issues = []
+    for col, code in required:
+        rows = _rows_where(df[col].isna())
+        if rows:
+            issues.append(
+                Issue(
+                    code,
+                    f"{len(rows)} row(s) have an empty '{col}' "
+                    f"({examples([manifest.where(r) for r in rows])}); fill them or remove the rows",
+                    rows,
+                )
+            )
+    return issues
+
+
+def _locate_files(manifest: Manifest) -> tuple[npt.NDArray[np.bool_], list[int], list[int]]:
+    """Which rows' images exist on disk, and the rows whose file is missing or folder empty."""
+    df = manifest.df
+    exists = np.ones(len(df), bool)
+    missing: list[int] = []
+    empty_dirs: list[int] = []
+    for i, (img, path) in enumerate(zip(df[IMAGE_COLUMN], df[PATH_COLUMN], strict=True)):
+        if _is_missing(img):
+            exists[i] = False
+            continue
+        p = Path(path)
+        if p.is_dir():
+            if not any(q.is_file() for q in p.iterdir()):
+                empty_dirs.append(i)
+                exists[i] = False
+        elif not p.is_file():
+            missing.append(i)
+            exists[i] = False
+    return exists, missing, empty_dirs
+
+
+def _check_files(manifest: Manifest, missing: list[int], empty_dirs: list[int]) -> list[Issue]:
+    """Images that are not on disk, and series folders without files, cannot be loaded."""
+    df = manifest.df
+    issues = []
+    if missing:
+        names = [f"'{df[IMAGE_COLUMN].iat[i]}' ({manifest.where(i)})" for i in missing]
+        issues.append(
+            Issue(
+                "missing_file",
+                f"{len(missing)} image file(s) not found (relative paths are resolved "
+                f"against {manifest.root}): {examples(names)}",
+                tuple(missing),
+            )
+        )
+    if empty_dirs:
+        names = [f"'{df[IMAGE_COLUMN].iat[i]}'" for i in empty_dirs]
+        issues.append(
+            Issue(
+                "empty_folder",
+                f"series folder(s) with no files: {examples(names)}",
+                tuple(empty_dirs),
+            )
+        )
+    return issues
+
+
+def _check_duplicates(manifest: Manifest, has_labels: bool) -> list[Issue]:
+    """The same image listed more than once would be counted (and maybe split) twice."""
+    df, lab = manifest.df, manifest.label_column
+    dup_mask = df[PATH_COLUMN].duplicated(keep=False) & df[PATH_COLUMN].astype(bool)
+    if not dup_mask.any():
+        return []
+    described = []
+    for _, g in df[dup_mask].groupby(PATH_COLUMN, sort=True):
+        differ = has_labels and g[lab].nunique(dropna=False) > 1
+        lines = ", ".join(manifest.where(int(i)) for i in g.index)
+        described.append(
+            f"'{g[IMAGE_COLUMN].iat[0]}' on {lines}" + (" with different labels" if differ else "")
+        )
+    message = (
+        f"{len(described)} image(s) listed more than once: {examples(described)}; keep "
+        "one row per image"
+    )
+    return [Issue("duplicate", message, _rows_where(dup_mask))]
+
+
+def _split_labels(value: str, classes: set[str] | None, sep: str) -> list[str]:
+    """Labels of one cell: the cell itself if it is a class, else its ``sep`` parts."""
+    if (classes is not None and value in classes) or sep not in value:
+        return [value]
+    return [part.strip() for part in value.split(sep) if part.strip()]
+
+
+def _labels_per_row(manifest: Manifest, classes: set[str] | None, sep: str) -> list[list[str]]:
+    """The labels of every row (none for an empty cell), multi-label cells split on ``sep``."""
+    return [
+        [] if _is_missing(v) else _split_labels(str(v), classes, sep)
+        for v in manifest.df[manifest.label_column]
+    ]
+
+
+def _check_unknown_labels(
+    manifest: Manifest, per_row: list[list[str]], classes: set[str]
+) -> list[Issue]:
+    """A label outside ``classes`` is a typo or a wrong ``data.classes``."""
+    bad = [i for i, ls in enumerate(per_row) if any(x not in classes for x in ls)]
+    if not bad:
+        return []
+    unknown = sorted({x for i in bad for x in per_row[i] if x not in classes})
+    message = (
+        f"{len(bad)} row(s) have label(s) {examples([repr(u) for u in unknown])} "
+        f"not in the classes {sorted(classes)} "
+        f"({examples([manifest.where(i) for i in bad])}); fix the labels or "
+        "data.classes"
+    )
+    return [Issue("unknown_label", message, tuple(bad))]
+
+
+def _check_absent_classes(per_row: list[list[str]], classes: set[str]) -> list[Issue]:
+    """A class with no image cannot be learnt or evaluated."""
+    absent = sorted(classes - {x for ls in per_row for x in ls})
+    if not absent:
+        return []
+    return [Issue("absent_class", f"class(es) {absent} have no image in this manifest")]
+
+
+def _check_patient_label_conflicts(manifest: Manifest) -> list[Issue]:
+    """A patient whose images have different labels is worth a look (fine across studies)."""
+    df, lab, pat = manifest.df, manifest.label_column, manifest.patient_column
+    labelled = df[df[pat].notna() & df[lab].notna()]
+    n_labels = labelled.groupby(pat)[lab].nunique()
+    conflicted = sorted(n_labels[n_labels > 1].index)
+    if not conflicted:
+        return []
+    message = (
+        f"{len(conflicted)} patient(s) have images with different labels (fine for "
+        f"different studies; check if unexpected): {examples(conflicted)}"
+    )
+    return [Issue("patient_label_conflict", message, _patients_with(manifest, conflicted))]
+
+
+def _check_patient_in_several_folds(manifest: Manifest) -> list[Issue]:
+    """A patient in several CV folds leaks between training and validation."""
+    df, pat = manifest.df, manifest.patient_column
+    if "fold" not in df.columns:
+        return []
+    spread = df[df[pat].notna()].groupby(pat)["fold"].nunique()
+    leaking = sorted(spread[spread > 1].index)
+    if not leaking:
+        return []
+    message = (
+        f"{len(leaking)} patient(s) appear in several folds (leakage between "
+        f"training and validation): {examples(leaking)}; assign folds per patient"
+    )
+    return [Issue("patient_in_several_folds", message, _patients_with(manifest, leaking))]
+
+
+def _check_patient_in_train_and_test(manifest: Manifest) -> list[Issue]:
+    """A patient both in split 'test' and outside it leaks into the held-out test."""
+    df, pat = manifest.df, manifest.patient_column
+    if "split" not in df.columns:
+        return []
+    valid_pat = df[pat].notna()
+    is_test = df["split"].astype(str).str.lower().eq("test")
+    test_p = set(df.loc[valid_pat & is_test, pat])
+    train_p = set(df.loc[valid_pat & ~is_test, pat])
+    both = sorted(test_p & train_p)
+    if not both:
+        return []
+    message = (
+        f"{len(both)} patient(s) have images both in split 'test' and outside it: "
+        f"{examples(both)}; split per patient"
+    )
+    return [Issue("patient_in_train_and_test", message, _patients_with(manifest, both))]
+
+
+def _check_decodable(
+    manifest: Manifest, exists: npt.NDArray[np.bool_], progress: bool
+) -> list[Issue]:
+    """Decode every existing image: corrupt files otherwise surface mid-training."""
+    from medtl.io import load_image  # lazy: decoding plugins are heavy to import
+
+    df = manifest.df
+    unreadable: list[tuple[int, str]] = []
+    todo = [i for i in range(len(df)) if exists[i]]
+    for i in iter_progress(todo, "decoding images", progress):
+        try:
+            load_image(df[PATH_COLUMN].iat[i])
+        except UnreadableImageError as err:
+            unreadable.append((i, err.reason))
+        except Exception as err:  # a decoder bug must not hide the other files
+            unreadable.append((i, f"{type(err).__name__}: {err}"))
+    if not unreadable:
+        return []
+    described = [f"'{df[IMAGE_COLUMN].iat[i]}': {reason}" for i, reason in unreadable]
+    message = f"{len(unreadable)} image(s) cannot be decoded: {examples(described)}"
+    return [Issue("unreadable", message, tuple(i for i, _ in unreadable))]
+
+
+def _check_rare_classes(summary: dict, min_patients_per_class: int) -> list[Issue]:
+    """A class with fewer patients than CV folds leaves some folds without it."""
+    return [
+        Issue(
+            "rare_class",
+            f"class '{cls}' has only {n_pat} patient(s) "
+            f"({summary['class_counts'][cls]} image(s)); patient-grouped "
+            f"{min_patients_per_class}-fold CV needs at least {min_patients_per_class}",
+        )
+        for cls, n_pat in summary["patients_per_class"].items()
+        if n_pat < min_patients_per_class
+    ]
+
+
+# ---------------------------------------------------------------------------- summary
+def _summary(df: pd.DataFrame, pat: str, lab: str | None, per_row: list[list[str]]) -> dict:
+    """Counts a reviewer wants before training: classes, patients, images per patient, sites."""
+    per_patient = df[df[pat].notna()].groupby(pat).size()
+    out: dict[str, Any] = {
+        "images": int(len(df)),
+        "patients": int(per_patient.size),
+        "images_per_patient": {
+            "min": int(per_patient.min()) if len(per_patient) else 0,
+            "median": float(per_patient.median()) if len(per_patient) else 0.0,
+            "max": int(per_patient.max()) if len(per_patient) else 0,
+        },
+    }
+    if lab is not None:
+        out.update(_class_summary(df[pat], per_row))
+    if "study_id" in df.columns:
+        out["studies"] = int(df["study_id"].nunique())
+    if "site" in df.columns:
+        out["sites"] = {
+            str(k): int(v) for k, v in df["site"].value_counts(sort=False).sort_index().items()
+        }
+    return out
+
+
+def _class_summary(patients: pd.Series, per_row: list[list[str]]) -> dict[str, dict[str, int]]:
+    """Images and distinct patients per class, classes sorted by name."""
+    counts: dict[str, int] = {}
+    patient_sets: dict[str, set] = {}
+    for ls, p in zip(per_row, patients, strict=True):
+        for x in ls:
+            counts[x] = counts.get(x, 0) + 1
+            if not _is_missing(p):
+                patient_sets.setdefault(x, set()).add(p)
+    return {
+        "class_counts": dict(sorted(counts.items())),
+        "patients_per_class": {k: len(patient_sets.get(k, ())) for k in sorted(counts)},
+    }
+
+
+def render_summary(report: ValidationReport) -> Any:
+    """A rich Table of the summary, the error/warning counts and the content hash."""
+    from rich.table import Table
+
+    s = report.summary
+    title = f"manifest {report.source}" if report.source else "manifest"
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    table.add_row("images", str(s.get("images", 0)))
+    table.add_row("patients", str(s.get("patients", 0)))
+    if "studies" in s:
+        table.add_row("studies", str(s["studies"]))
+    ipp = s.get("images_per_patient")
+    if ipp:
+        table.add_row(
+            "images per patient", f"min {ipp['min']}, median {ipp['median']:g}, max {ipp['max']}"
+        )
+    for cls, n in s.get("class_counts", {}).items():
+        table.add_row(f"class '{cls}'", f"{n} images, {s['patients_per_class'][cls]} patients")
+    for site, n in s.get("sites", {}).items():
+        table.add_row(f"site '{site}'", f"{n} images")
+    status = "[green]ok[/green]" if report.ok else f"[red]{len(report.errors)} error(s)[/red]"
+    table.add_row("status", f"{status}, {len(report.warnings)} warning(s)")
+    table.add_row("content hash", report.content_hash or "-")
+    return table
