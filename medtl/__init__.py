@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_image": "medtl.io",
     "create_model": "medtl.models",
     "list_backbones": "medtl.models",
-    "run_train": "medtl.pipeline",
+    "run_train": "medtl.jobs",
     "resolve_model": "medtl.inference",
     "predict": "medtl.inference",
     "make_demo_data": "medtl.demo_data",

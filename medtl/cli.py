@@ -197,7 +197,7 @@ def train(
 ) -> None:
     """Cross-validated training with per-fold clinical reports and MLflow tracking."""
     from medtl.config import load_config
-    from medtl.pipeline import run_train
+    from medtl.jobs import print_train_summary, run_train
 
     cfg = load_config(pipeline_path, list(overrides))
     con = _console()
@@ -206,32 +206,6 @@ def train(
     )
     if outcome.report_html is not None:
         print_train_summary(outcome, con)
-
-
-def print_train_summary(outcome, con) -> None:
-    """The closing table of `medtl train`: pooled metrics and where to look next."""
-    from rich.table import Table
-
-    from medtl.evaluation.report import headline_rows
-
-    table = Table(title="cross-validated results (pooled out-of-fold, 95% CI)")
-    table.add_column("metric")
-    table.add_column("value")
-    for name, value in headline_rows(outcome.metrics):
-        table.add_row(name, value)
-    con.print(table)
-    con.print(f"report:      {outcome.report_html}")
-    con.print(f"model:       {outcome.bundle_dir}")
-    if outcome.parent_run_id:
-        con.print(f"MLflow run:  {outcome.parent_run_id}  ({outcome.tracking_uri})")
-        if outcome.tracking_uri and outcome.tracking_uri.startswith("sqlite:"):
-            con.print(f"browse:      mlflow ui --backend-store-uri {outcome.tracking_uri}")
-    if outcome.registered:
-        reg = outcome.registered
-        con.print(
-            f"registered:  {reg.get('name')} version {reg.get('version')} "
-            f"(alias {reg.get('alias', 'candidate')}); model card {reg.get('model_card')}"
-        )
 
 
 @main.command()

@@ -20,7 +20,7 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
     from medtl.config import load_config
     from medtl.demo_data import make_demo_data
     from medtl.inference import predict, resolve_model
-    from medtl.pipeline import run_train
+    from medtl.jobs import print_train_summary, run_train
 
     say = console.print if console is not None else print
     out.mkdir(parents=True, exist_ok=True)
@@ -43,8 +43,6 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
         register_name="medtl-demo-cxr",
         console=console,
     )
-    from medtl.cli import print_train_summary
-
     if console is not None:
         print_train_summary(outcome, console)
     bundle = resolve_model(str(outcome.bundle_dir))

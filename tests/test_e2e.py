@@ -31,7 +31,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     """One feature-extraction run registered in a fresh SQLite store."""
-    from medtl.pipeline import run_train
+    from medtl.jobs import run_train
 
     work = tmp_path_factory.mktemp("e2e")
     # A hospital export always has a bad file: a truncated DICOM joins the demo manifest.

@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent.parent
     ],
 )
 def test_ct_pipeline_runs_on_demo_volumes(pipeline, extra, demo_data, tmp_path):
-    from medtl.pipeline import run_train
+    from medtl.jobs import run_train
 
     cfg = load_config(
         ROOT / "pipelines" / pipeline,

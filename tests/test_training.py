@@ -10,7 +10,8 @@ from fit_job import demo_split, tiny_config
 
 from medtl.errors import ConfigError
 from medtl.training import fit, predict_proba
-from medtl.training.engine import _schedule_factor, auroc, probabilities, resolve_amp
+from medtl.training.engine import _schedule_factor, resolve_amp
+from medtl.training.outputs import auroc, probabilities
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 from medtl.training.api import FitResult, fit, predict_proba
 from medtl.training.distributed import DistContext, init_distributed
-from medtl.training.strategies import STRATEGIES, Strategy, get_strategy
+from medtl.training.protocol import Strategy
+from medtl.training.strategies import STRATEGIES, BaseStrategy, get_strategy
 
 __all__ = [
     "STRATEGIES",
+    "BaseStrategy",
     "DistContext",
     "FitResult",
     "Strategy",

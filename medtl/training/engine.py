@@ -21,14 +21,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from medtl.config import PipelineConfig
-from medtl.errors import ConfigError
+from medtl.errors import ConfigError, MedtlError
+from medtl.models.model import MedtlModel
 from medtl.training.distributed import (
     DistContext,
     all_reduce_mean,
@@ -40,10 +41,12 @@ from medtl.training.distributed import (
     wrap_ddp,
 )
 from medtl.training.losses import build_loss
+from medtl.training.outputs import auroc, probabilities
+from medtl.training.protocol import Strategy
 from medtl.training.sampling import build_train_sampler, epoch_generator
-from medtl.training.strategies import Strategy
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=nn.Module)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -91,7 +94,7 @@ def resolve_task(cfg: PipelineConfig, labels: np.ndarray, num_classes: int) -> s
     return "binary" if num_classes == 2 else "multiclass"
 
 
-def model_num_classes(model: nn.Module) -> int:
+def model_num_classes(model: MedtlModel) -> int:
     """Output columns of the model's head."""
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and n > 0:
@@ -103,43 +106,6 @@ def model_num_classes(model: nn.Module) -> int:
         out = model.forward_head(torch.zeros(2, model.num_features, device=dev))
     model.train(head_was_training)
     return int(out.shape[1])
-
-
-def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
-    """Softmax (single-label, binary as 2 columns) or sigmoid (multi-label) of (N, C) logits."""
-    t = torch.as_tensor(logits, dtype=torch.float32)
-    p = torch.sigmoid(t) if task == "multilabel" else torch.softmax(t, dim=1)
-    return p.numpy()
-
-
-def auroc(labels: np.ndarray, probs: np.ndarray, task: str) -> float:
-    """Validation AUROC: binary on the positive column, macro one-vs-rest otherwise; NaN if undefined."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(labels) == 0:
-        return float("nan")
-    try:
-        if task == "binary":
-            if len(np.unique(labels)) < 2:
-                return float("nan")
-            return float(roc_auc_score(labels.astype(int), probs[:, 1]))
-        if task == "multiclass":
-            present = np.unique(labels.astype(int))
-            if len(present) < 2:
-                return float("nan")
-            if len(present) == probs.shape[1]:
-                return float(roc_auc_score(labels.astype(int), probs, multi_class="ovr"))
-            scores = [roc_auc_score(labels == c, probs[:, c]) for c in present]
-            return float(np.mean(scores))
-        y = labels.reshape(len(labels), -1)
-        scores = [
-            roc_auc_score(y[:, c], probs[:, c])
-            for c in range(y.shape[1])
-            if 0 < y[:, c].sum() < len(y)
-        ]
-        return float(np.mean(scores)) if scores else float("nan")
-    except ValueError:
-        return float("nan")
 
 
 def seed_epoch(seed: int, epoch: int) -> int:
@@ -158,7 +124,8 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    # legacy=True (the default) gives the tuple form; the stubs also allow the dict form.
+    np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
     state = {
         "torch": torch.get_rng_state(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
@@ -196,7 +163,7 @@ class Engine:
     def __init__(
         self,
         cfg: PipelineConfig,
-        model: nn.Module,
+        model: MedtlModel,
         train_ds: Any,
         val_ds: Any | None,
         strategy: Strategy,
@@ -251,6 +218,20 @@ class Engine:
         self._wrapped_key: frozenset[int] | None = None
         if self.dist.is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        """The optimizer (``build_optimizer`` made it)."""
+        if self.optimizer is None:
+            raise MedtlError("Engine.build_optimizer() must run before training or resuming")
+        return self.optimizer
+
+    @property
+    def sched(self) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate scheduler (``build_optimizer`` made it)."""
+        if self.scheduler is None:
+            raise MedtlError("Engine.build_optimizer() must run before training or resuming")
+        return self.scheduler
 
     # -- data ----------------------------------------------------------------------------
     def _loader(self, dataset: Any, sampler=None, epoch: int = 0, drop_last: bool = False):
@@ -320,7 +301,7 @@ class Engine:
         if self._wrapped is None or key != self._wrapped_key:
             m = wrap_ddp(self.model, self.dist)
             if self.tcfg.compile:
-                m = torch.compile(m)
+                m = cast(nn.Module, torch.compile(m))  # an OptimizedModule; stubs say Callable
             self._wrapped, self._wrapped_key = m, key
         return self._wrapped
 
@@ -366,7 +347,7 @@ class Engine:
         module = self.train_module()
         self._current = module
         self.strategy.train_mode(self.model, epoch)
-        opt, accum = self.optimizer, self.tcfg.grad_accum
+        opt, sched, accum = self.opt, self.sched, self.tcfg.grad_accum
         opt.zero_grad(set_to_none=True)
         loss_sum, n_seen, n_batches = torch.zeros((), device=self.device), 0, len(loader)
         t0 = time.perf_counter()
@@ -384,7 +365,7 @@ class Engine:
                     else:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-                    self.scheduler.step()
+                    sched.step()
                 bs = int(out["output"].shape[0])
                 # Summed on the device: a host sync every step would stall the GPU queue.
                 loss_sum = loss_sum + loss.detach().float() * bs
@@ -407,7 +388,7 @@ class Engine:
         return self.infer(lambda m, x: m(x), dataset)
 
     def infer(
-        self, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], dataset: Any
+        self, fn: Callable[[MedtlModel, torch.Tensor], torch.Tensor], dataset: Any
     ) -> np.ndarray:
         """``fn(model, x)`` rows for every sample of ``dataset`` in order (see ``infer_rows``)."""
         return infer_rows(
@@ -416,15 +397,18 @@ class Engine:
 
     def validate(self) -> dict[str, float]:
         """Validation loss and AUROC on exactly the N unique validation samples."""
+        labels = self.val_labels
+        if labels is None:
+            raise MedtlError("Engine.validate() needs a validation dataset (val_ds is None)")
         logits = self.infer_logits(self.val_ds)
-        y = torch.as_tensor(self.val_labels)
+        y = torch.as_tensor(labels)
         y = y.float() if self.task == "multilabel" else y.long().view(-1)
         with torch.no_grad():
             t = torch.from_numpy(logits).to(self.device)
             loss = float(self.loss_fn(t, y.to(self.device))) if len(y) else float("nan")
         probs = probabilities(logits, self.task)
         self.val_probs = probs
-        return {"val_loss": loss, "val_auroc": auroc(self.val_labels, probs, self.task)}
+        return {"val_loss": loss, "val_auroc": auroc(labels, probs, self.task)}
 
     def improved(self, row: dict[str, Any]) -> bool:
         """Whether this epoch beats the best so far on ``train.monitor``."""
@@ -478,8 +462,8 @@ class Engine:
         _atomic_save(
             {
                 "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "epoch": epoch,
                 "best_metric": self.best_metric,
@@ -504,8 +488,8 @@ class Engine:
             log.warning("%s was written by a different config; starting afresh", path)
             return False
         self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
         if self.scaler and ck["scaler"]:
             self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch = int(ck["epoch"]) + 1
@@ -593,8 +577,8 @@ def progress_bar(title: str, total: int, enabled: bool):
 
 @torch.no_grad()
 def infer_rows(
-    fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    model: nn.Module,
+    fn: Callable[[M, torch.Tensor], torch.Tensor],
+    model: M,
     dataset: Any,
     make_loader: Callable,
     to_input: Callable,
@@ -605,7 +589,7 @@ def infer_rows(
 
     Under DDP each rank runs its shard of exactly the N samples and rows are gathered back.
     """
-    m = unwrap(model)
+    m = cast(M, unwrap(model))  # the module that was wrapped (DDP) is the caller's own
     was_training = m.training
     m.eval()
     sampler = shard_sampler(dataset, dist)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,8 @@ from torch import nn
 
 from medtl.config import PipelineConfig
 from medtl.errors import ConfigError
+from medtl.models.model import MedtlModel
+from medtl.training.outputs import auroc, probabilities
 
 if TYPE_CHECKING:
     from medtl.training.engine import Engine
@@ -44,7 +46,7 @@ def feature_cache_root(cfg: PipelineConfig, workdir: Path) -> Path:
     return Path(workdir).parent / ".feature_cache"
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
+def backbone_fingerprint(model: MedtlModel) -> str:
     """sha256 over the backbone's parameters and buffers (every stage but the head)."""
     groups = model.stage_groups()
     head_ids = {id(p) for p in groups[-1][1]}
@@ -57,7 +59,7 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def transform_key(cfg: PipelineConfig, model: nn.Module) -> str:
+def transform_key(cfg: PipelineConfig, model: MedtlModel) -> str:
     """The deterministic-preprocessing identity (medtl.transforms' cache key, which covers the
     model's preprocessing contract; augmentation is excluded: features never see it)."""
     from medtl.transforms import transform_cache_key
@@ -70,7 +72,7 @@ def transform_key(cfg: PipelineConfig, model: nn.Module) -> str:
     )
 
 
-def feature_model_key(cfg: PipelineConfig, model: nn.Module, dtype: torch.dtype | None) -> str:
+def feature_model_key(cfg: PipelineConfig, model: MedtlModel, dtype: torch.dtype | None) -> str:
     """Key of everything that determines an image's embedding except the image itself."""
     info = dict(getattr(model, "weights_info", {}) or {})
     parts = {
@@ -159,11 +161,11 @@ def extract_features(engine: Engine, dataset: Any) -> np.ndarray:
     engine.dist.barrier()
     if not found:
         return np.zeros((0, getattr(model, "num_features", 0)), np.float32)
-    return np.stack(found).astype(np.float32)
+    return np.stack(cast(list[np.ndarray], found)).astype(np.float32)  # every gap filled above
 
 
 # --------------------------------------------------------------------------- heads
-def _head_linear(model: nn.Module) -> nn.Linear:
+def _head_linear(model: MedtlModel) -> nn.Linear:
     """The single nn.Linear of the head stage (logistic coefficients go there)."""
     head_params = {id(p) for p in model.stage_groups()[-1][1]}
     linears = [
@@ -207,7 +209,7 @@ def fit_logistic(
 
     f = feats.shape[1]
     if task == "multilabel":
-        y = labels.reshape(len(labels), -1).astype(int)
+        y: np.ndarray = labels.reshape(len(labels), -1).astype(int)
         w = np.zeros((num_classes, f))
         b = np.zeros(num_classes)
         for k in range(num_classes):
@@ -239,7 +241,7 @@ def fit_logistic(
 
 
 @torch.no_grad()
-def set_linear_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+def set_linear_head(model: MedtlModel, weight: np.ndarray, bias: np.ndarray) -> None:
     """Copy (C, F) weights and (C,) bias into the model's linear head."""
     lin = _head_linear(model)
     lin.weight.copy_(torch.as_tensor(weight, dtype=lin.weight.dtype))
@@ -257,7 +259,6 @@ def _head_logits(engine: Engine, feats: np.ndarray) -> np.ndarray:
 
 
 def _head_probs(engine: Engine, feats: np.ndarray) -> np.ndarray:
-    from medtl.training.engine import probabilities
 
     return probabilities(_head_logits(engine, feats), engine.task)
 
@@ -265,7 +266,6 @@ def _head_probs(engine: Engine, feats: np.ndarray) -> np.ndarray:
 def _eval_row(
     engine: Engine, feats: np.ndarray, labels: np.ndarray, prefix: str
 ) -> dict[str, float]:
-    from medtl.training.engine import auroc, probabilities
 
     logits = _head_logits(engine, feats)
     y = torch.as_tensor(labels)
@@ -330,7 +330,7 @@ def train_torch_head(
             "phase": phase,
             "train_loss": total / max(len(order), 1),
         }
-        if xva is not None and len(xva):
+        if xva is not None and yva is not None and len(xva):
             row.update(_eval_row(engine, xva, yva, "val"))
             score = sign * row[cfg.train.monitor]
             if best is None or score > best:
@@ -375,7 +375,7 @@ def fit_head(
             **_eval_row(engine, xtr, engine.train_labels, "train"),
         }
         row.pop("train_auroc", None)
-        if xva is not None:
+        if xva is not None and engine.val_labels is not None:
             row.update(_eval_row(engine, xva, engine.val_labels, "val"))
         rows = [row]
     else:

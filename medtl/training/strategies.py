@@ -4,7 +4,8 @@ The engine (``medtl.training.engine.Engine``) owns the loop; a strategy decides 
 train in which epoch (``trainable_stages``), their learning rates (``configure_param_groups``),
 BatchNorm behaviour (``train_mode``), what happens before the loop (``on_train_start``) and,
 for the feature-extraction fast path only, replaces the epoch loop (``train``). Adding a
-strategy = subclass + one ``STRATEGIES`` entry (+ its name in ``StrategyConfig.name``).
+strategy = subclass of ``BaseStrategy`` + one ``STRATEGIES`` entry (+ its name in
+``StrategyConfig.name``). The engine sees only the ``Strategy`` protocol (``protocol.py``).
 
 Stages come from ``model.stage_groups()`` (stem .. head, every parameter once); "depth from
 top" counts the head as 0.
@@ -19,12 +20,13 @@ from torch import nn
 
 from medtl.config import PipelineConfig
 from medtl.errors import ConfigError, look_up_option
+from medtl.models.model import MedtlModel
 
 if TYPE_CHECKING:
     from medtl.training.engine import Engine
 
 
-def bn_modules_by_stage(model: nn.Module) -> list[list[nn.Module]]:
+def bn_modules_by_stage(model: MedtlModel) -> list[list[nn.Module]]:
     """BatchNorm modules of each stage group (a BN belongs to the stage owning its weight)."""
     groups = model.stage_groups()
     owner = {id(p): i for i, (_, params) in enumerate(groups) for p in params}
@@ -37,7 +39,7 @@ def bn_modules_by_stage(model: nn.Module) -> list[list[nn.Module]]:
     return out
 
 
-class Strategy:
+class BaseStrategy:
     """Default hooks: train every stage at ``train.lr``; BN follows ``strategy.bn``."""
 
     name = "base"
@@ -55,7 +57,7 @@ class Strategy:
         """Learning rate of the top (head) group."""
         return self.cfg.train.lr
 
-    def configure_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def configure_param_groups(self, model: MedtlModel) -> list[dict[str, Any]]:
         """One optimizer group per stage (all stages, frozen ones simply get no gradient)."""
         lr = self.base_lr()
         return [
@@ -76,7 +78,7 @@ class Strategy:
             for p in params:
                 p.requires_grad_(i in train)
 
-    def train_mode(self, model: nn.Module, epoch: int) -> None:
+    def train_mode(self, model: MedtlModel, epoch: int) -> None:
         """``model.train()``, then BN of frozen stages back to eval per ``strategy.bn``.
 
         freeze_frozen (default): BN in frozen stages keeps its running statistics;
@@ -102,7 +104,7 @@ class Strategy:
         engine.run_loop()
 
 
-class FineTune(Strategy):
+class FineTune(BaseStrategy):
     """Freeze the first ``strategy.freeze_stages`` stage groups, train the rest."""
 
     name = "fine_tune"
@@ -118,7 +120,7 @@ class FineTune(Strategy):
         return set(range(k, n_stages))
 
 
-class GradualUnfreeze(Strategy):
+class GradualUnfreeze(BaseStrategy):
     """Head only for ``head_only_epochs``, then one more stage from the top every
     ``unfreeze_every`` epochs; stage lr = lr * layer_lr_decay**depth_from_top (ULMFiT-style).
     The first ``freeze_stages`` groups are never unfrozen."""
@@ -132,7 +134,7 @@ class GradualUnfreeze(Strategy):
         top = {n_stages - 1 - d for d in range(min(1 + extra, n_stages))}
         return {i for i in top if i >= self.scfg.freeze_stages} | {n_stages - 1}
 
-    def configure_param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def configure_param_groups(self, model: MedtlModel) -> list[dict[str, Any]]:
         groups = model.stage_groups()
         n = len(groups)
         decay = self.scfg.layer_lr_decay
@@ -143,7 +145,7 @@ class GradualUnfreeze(Strategy):
         ]
 
 
-class LinearProbeFineTune(Strategy):
+class LinearProbeFineTune(BaseStrategy):
     """LP-FT (Kumar et al., 2022): fit the head on frozen features first, then fine-tune
     everything from that head at ``lr * ft_lr_scale`` so the features are not distorted.
     BatchNorm statistics stay frozen by default (see ``train_mode``)."""
@@ -153,7 +155,7 @@ class LinearProbeFineTune(Strategy):
     def base_lr(self) -> float:
         return self.cfg.train.lr * self.scfg.ft_lr_scale
 
-    def train_mode(self, model: nn.Module, epoch: int) -> None:
+    def train_mode(self, model: MedtlModel, epoch: int) -> None:
         """BN statistics stay those the probe was fit on (``bn=freeze_frozen`` means all
         here, since nothing is frozen); ``strategy.bn=train_all`` lets them adapt."""
         model.train()
@@ -172,7 +174,7 @@ class LinearProbeFineTune(Strategy):
         engine.extra_history.extend(probe)
 
 
-class FeatureExtraction(Strategy):
+class FeatureExtraction(BaseStrategy):
     """Frozen backbone + new head trained on cached embeddings (see ``features.py``):
     scikit-learn logistic regression copied into the linear head (``head_trainer=logistic``)
     or a torch linear/MLP head trained on the features (``head_trainer=torch``)."""
@@ -188,7 +190,7 @@ class FeatureExtraction(Strategy):
         run_feature_extraction(engine)
 
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[str, type[BaseStrategy]] = {
     "feature_extraction": FeatureExtraction,
     "fine_tune": FineTune,
     "gradual_unfreeze": GradualUnfreeze,
@@ -196,6 +198,6 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def get_strategy(cfg: PipelineConfig) -> Strategy:
+def get_strategy(cfg: PipelineConfig) -> BaseStrategy:
     """The strategy object named by ``cfg.strategy.name``."""
     return STRATEGIES[look_up_option(cfg.strategy.name, STRATEGIES, "strategy.name")](cfg)
