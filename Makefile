@@ -32,6 +32,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check medtl tests benchmarks
 	$(VENV)/bin/ruff check medtl tests benchmarks
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format medtl tests benchmarks

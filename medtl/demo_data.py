@@ -129,7 +129,7 @@ _FIRST = {
 }
 
 
-def _uid(seed: int, *parts: object) -> str:
+def _uid(seed: int, *parts: object) -> UID:
     """Deterministic UID (pydicom's generator hashes the entropy sources)."""
     return generate_uid(_UID_PREFIX, entropy_srcs=["medtl-demo", str(seed), *map(str, parts)])
 

@@ -7,10 +7,22 @@ and the diagram always describe the same bins.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 from sklearn.calibration import calibration_curve
 
-__all__ = ["bin_ids", "expected_calibration_error", "reliability_curve"]
+__all__ = ["ReliabilityCurve", "bin_ids", "expected_calibration_error", "reliability_curve"]
+
+
+class ReliabilityCurve(TypedDict):
+    """What :func:`reliability_curve` returns (a plain dict at run time)."""
+
+    prob_true: list[float]
+    prob_pred: list[float]
+    count: list[int]
+    ece: float
+    n_bins: int
 
 
 def bin_ids(p: np.ndarray, n_bins: int) -> np.ndarray:
@@ -35,7 +47,7 @@ def expected_calibration_error(
     return float(np.abs(gap).sum() / total.sum())
 
 
-def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
+def reliability_curve(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> ReliabilityCurve:
     """Observed positive rate vs mean predicted probability per non-empty bin, with counts."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=float)

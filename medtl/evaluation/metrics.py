@@ -128,10 +128,15 @@ def binary_metrics(
 
 
 # ----------------------------------------------------------------------------- the bootstrap
-class BootstrapCI(tuple):
+class BootstrapCI(tuple[float | None, float | None]):
     """``(low, high)`` percentile interval that also says how many resamples were skipped."""
 
-    def __new__(cls, low: float | None, high: float | None, n_used: int, n_skipped: int):
+    n_used: int
+    n_skipped: int
+
+    def __new__(
+        cls, low: float | None, high: float | None, n_used: int, n_skipped: int
+    ) -> BootstrapCI:
         obj = super().__new__(cls, (low, high))
         obj.n_used = n_used
         obj.n_skipped = n_skipped
@@ -158,7 +163,7 @@ class PatientResamples:
     counts: np.ndarray  # (n_boot, n_patients) how often each patient was drawn
 
     @classmethod
-    def draw(cls, groups: Sequence, n_boot: int, seed: int) -> PatientResamples:
+    def draw(cls, groups: Sequence[Any] | np.ndarray, n_boot: int, seed: int) -> PatientResamples:
         codes, uniques = pd.factorize(pd.Series(np.asarray(groups)).astype(str), sort=True)
         n_pat = len(uniques)
         rng = np.random.default_rng(seed)
@@ -190,7 +195,7 @@ def bootstrap_ci(
     metric_fn: Callable[[np.ndarray, np.ndarray], float | None],
     y: np.ndarray,
     p: np.ndarray,
-    groups: Sequence,
+    groups: Sequence[Any] | np.ndarray,
     n_boot: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
@@ -362,7 +367,7 @@ def row_thresholds(df: pd.DataFrame, thresholds: Any, n_classes: int, task: str)
                 f"fold(s) {missing} have no threshold; thresholds are given for folds "
                 f"{sorted(table)}"
             )
-        return np.stack([table[f] for f in folds]) if len(folds) else np.zeros((0, n_classes))
+        return np.stack([table[int(f)] for f in folds]) if len(folds) else np.zeros((0, n_classes))
     return np.tile(per_class(thresholds), (len(df), 1))
 
 

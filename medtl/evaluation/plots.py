@@ -121,8 +121,8 @@ def plot_confusion(
 ) -> Path:
     """Confusion matrices (rows: true class, columns: predicted), counts in the cells."""
     fig, axes = _figure(len(panels), size=3.4)
-    for ax, (title, (cm, labels)) in zip(axes, panels.items(), strict=True):
-        cm = np.asarray(cm)
+    for ax, (title, (counts, labels)) in zip(axes, panels.items(), strict=True):
+        cm = np.asarray(counts)
         ax.imshow(cm, cmap="Blues")
         hi = cm.max() if cm.size else 0
         for (i, j), v in np.ndenumerate(cm):

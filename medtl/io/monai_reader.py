@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from monai.config import PathLike
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
@@ -32,7 +33,7 @@ class MedtlReader(ImageReader):
         super().__init__()
         self.reorient = reorient
 
-    def verify_suffix(self, filename: Sequence[str | Path] | str | Path) -> bool:
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True when medtl recognises every path (folder, suffix or file content)."""
         try:
             for f in ensure_tuple(filename):
@@ -41,7 +42,7 @@ class MedtlReader(ImageReader):
             return False
         return True
 
-    def read(self, data: Sequence[str | Path] | str | Path, **kwargs) -> LoadedImage:
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs) -> LoadedImage:
         """Load one path; several DICOM files are one series, other lists stack channels."""
         paths = [Path(p) for p in ensure_tuple(data)]
         if len(paths) == 1:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import SpatialImage
 
 from medtl.errors import UnreadableImageError
 from medtl.io.base import ImageMeta, LoadedImage, affine_tuple
@@ -50,7 +51,8 @@ def load_nifti(path: str | Path) -> LoadedImage:
         ) from err
     kind = type(img).__name__
     fmt = _FORMAT_NAMES.get(kind)
-    if fmt is None or getattr(img, "affine", None) is None:
+    # Every class in _FORMAT_NAMES is a SpatialImage; the isinstance check narrows the type.
+    if fmt is None or not isinstance(img, SpatialImage) or img.affine is None:
         raise UnreadableImageError(
             path,
             f"{kind} is not an image volume medtl reads; supported: NIfTI-1/2, Analyze, MGH",

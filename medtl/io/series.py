@@ -74,10 +74,10 @@ def load_dicom_series(
 
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for _, ds in headers)
     if len(series) > 1:
-        sizes = ", ".join(str(n) for n in sorted(series.values(), reverse=True))
+        counts = ", ".join(str(n) for n in sorted(series.values(), reverse=True))
         raise UnreadableImageError(
             where,
-            f"{len(series)} DICOM series mixed in one folder ({sizes} files); "
+            f"{len(series)} DICOM series mixed in one folder ({counts} files); "
             "put each series in its own folder or pass the files of one series",
         )
     if any(frame_count(ds, f) > 1 for f, ds in headers):

@@ -438,7 +438,7 @@ def _unit_label(
         return None, f"{what} for its {key} in the labels file"
     if len(found) > 1:
         return None, "files of this series have different labels"
-    return found.pop(), ""
+    return str(found.pop()), ""
 
 
 def _identifier(value: str, salt: str | None, prefix: str) -> str:

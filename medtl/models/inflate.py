@@ -77,6 +77,7 @@ def inflate_conv(conv: nn.Conv2d, init: str = "mean") -> nn.Conv3d:
         w3[:, :, k[0] // 2] = conv.weight
     out.weight.copy_(w3)
     if conv.bias is not None:
+        assert out.bias is not None  # built with bias=True just above
         out.bias.copy_(conv.bias)
     return out
 
@@ -84,9 +85,10 @@ def inflate_conv(conv: nn.Conv2d, init: str = "mean") -> nn.Conv3d:
 @torch.no_grad()
 def _inflate_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm3d:
     out = BatchNormAct3d(bn.num_features, bn.eps, bn.momentum, bn.affine)
-    if hasattr(bn, "act"):
-        out.act = bn.act
-        out.drop = bn.drop
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if isinstance(act, nn.Module) and isinstance(drop, nn.Module):  # timm's BatchNormAct2d
+        out.act = act
+        out.drop = drop
     out.load_state_dict(bn.state_dict())
     return out
 
@@ -136,5 +138,6 @@ def inflate_to_3d(net: nn.Module, init: str = "mean") -> nn.Module:
             setattr(net, name, new)
         else:
             inflate_to_3d(child, init)
-    net.spatial_dims = 3
+    # torch annotates Module.__setattr__ for Tensor/Module values only; plain ones are fine.
+    net.spatial_dims = 3  # type: ignore[assignment]
     return net

@@ -22,6 +22,14 @@ from medtl.models.weights import load_weights_file, resolve_weights
 log = logging.getLogger(__name__)
 
 
+def backbone_features(backbone: nn.Module) -> int:
+    """The pooled feature width every registry backbone exposes as ``num_features``."""
+    n = getattr(backbone, "num_features", None)
+    if n is None or isinstance(n, torch.Tensor | nn.Module):
+        raise ConfigError(f"backbone {type(backbone).__name__} has no integer num_features")
+    return int(n)
+
+
 class MedtlModel(nn.Module):
     """A pretrained feature network plus a new head.
 
@@ -48,7 +56,7 @@ class MedtlModel(nn.Module):
         self.weights_info = weights_info
         self.spatial_dims = spatial_dims
         self.in_chans = in_chans
-        self.num_features = int(backbone.num_features)
+        self.num_features = backbone_features(backbone)
 
     @property
     def num_classes(self) -> int:
@@ -72,14 +80,22 @@ class MedtlModel(nn.Module):
     def reset_head(self, num_classes: int) -> None:
         """Replace the head by a freshly initialised one of the same kind."""
         old = self.head
-        hidden = old.fc1.out_features if old.kind == "mlp" else 256
+        hidden = old.fc1.out_features if isinstance(old.fc1, nn.Linear) else 256  # mlp head
         self.head = build_head(self.num_features, num_classes, old.kind, hidden, old.drop.p)
 
     def stage_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Parameters grouped stem -> stage1..N -> head, each parameter exactly once."""
         from timm.models._manipulate import group_parameters
 
-        matcher = self.spec.group_matcher or self.backbone.group_matcher(coarse=True)
+        matcher = self.spec.group_matcher
+        if not matcher:  # timm networks (and RadImageNet's) group their own stages
+            timm_matcher = getattr(self.backbone, "group_matcher", None)
+            if not callable(timm_matcher):
+                raise ConfigError(
+                    f"backbone '{self.spec.name}' has no stage grouping: its registry entry "
+                    "sets no group_matcher and the network has no group_matcher()"
+                )
+            matcher = timm_matcher(coarse=True)
         groups = group_parameters(self.backbone, matcher)
         named = dict(self.backbone.named_parameters())
         out: list[tuple[str, list[nn.Parameter]]] = []
@@ -186,7 +202,9 @@ def create_model(
         from medtl.models.inflate import inflate_to_3d
 
         backbone = inflate_to_3d(backbone)
-    head = build_head(backbone.num_features, num_classes, mcfg.head, mcfg.head_hidden, mcfg.dropout)
+    head = build_head(
+        backbone_features(backbone), num_classes, mcfg.head, mcfg.head_hidden, mcfg.dropout
+    )
     if keep_pretrained_head:
         _load_classifier(head, classifier, spec)
     return MedtlModel(backbone, head, spec, preprocess, info, spatial_dims, in_chans)

@@ -12,11 +12,14 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
-from medtl.errors import look_up_option
+from medtl.errors import ConfigError, look_up_option
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 # Group matchers follow timm's convention (``model.group_matcher(coarse=True)``): a dict
 # ``{"stem": regex, "blocks": regex-with-one-int-group | [(regex, ordinal), ...]}`` whose
@@ -134,10 +137,18 @@ def _timm_builder(arch: str, in_chans: int = 3, spatial_dims: int = 2) -> nn.Mod
     return timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans)
 
 
-def _timm_preprocess(arch: str) -> PreprocessSpec:
+def _pretrained_cfg(arch: str) -> PretrainedCfg:
+    """timm's pretrained config of ``arch`` (mean/std, input size, weights release)."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(arch)
+    if cfg is None:
+        raise ConfigError(f"the installed timm has no pretrained config for '{arch}'")
+    return cfg
+
+
+def _timm_preprocess(arch: str) -> PreprocessSpec:
+    cfg = _pretrained_cfg(arch)
     return PreprocessSpec(
         input_size=tuple(cfg.input_size[1:]),
         mean=tuple(float(v) for v in cfg.mean),
@@ -155,11 +166,9 @@ def _timm_entry(
     inflatable: bool = False,
 ) -> BackboneSpec:
     """A timm 2D backbone whose ImageNet weights are timm's own release (HF cache / weights dir)."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(arch)
+    cfg = _pretrained_cfg(arch)
     hf = cfg.hf_hub_id or f"timm/{arch}"
-    url = cfg.url or ""
+    url = cfg.url if isinstance(cfg.url, str) else ""  # timm also allows a (url, ...) tuple
     imagenet = WeightsSpec(
         tag="imagenet",
         filename=f"{hf.split('/')[-1]}.safetensors",

@@ -388,9 +388,8 @@ def load_backbone_state(
     body, head = split_classifier(sd, spec.classifier)
     target = net.state_dict()
     mapped = LAYOUTS[layout](body, target, spec.first_conv)
-    report = LoadReport(
-        dropped_classifier=sorted(spec.classifier + k for k in head), classifier=head
-    )
+    prefix = spec.classifier or ""  # head is empty when the entry names no classifier
+    report = LoadReport(dropped_classifier=sorted(prefix + k for k in head), classifier=head)
     fc = spec.first_conv
     if fc in mapped and fc in target and mapped[fc].shape != target[fc].shape:
         if mapped[fc].shape[0] == target[fc].shape[0] and mapped[fc].ndim == target[fc].ndim:

@@ -78,14 +78,19 @@ def data_counts(summary: Mapping[str, Any] | None) -> dict[str, Any]:
     """
     summary = summary or {}
     out: dict[str, Any] = {}
-    for name, keys in (("n_images", _IMAGE_KEYS), ("n_patients", _PATIENT_KEYS)):
+    count_keys: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("n_images", _IMAGE_KEYS),
+        ("n_patients", _PATIENT_KEYS),
+    )
+    for name, keys in count_keys:
         v = _first(summary, keys)
         if isinstance(v, int | float) and not isinstance(v, bool):
             out[name] = int(v)
-    for name, keys in (
+    per_class_keys: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("class_counts", _CLASS_KEYS),
         ("patients_per_class", ("patients_per_class",)),
-    ):
+    )
+    for name, keys in per_class_keys:
         per_class = _first(summary, keys)
         if isinstance(per_class, Mapping):
             counts = {str(k): int(v) for k, v in per_class.items() if isinstance(v, int | float)}

@@ -95,7 +95,7 @@ def _flat_numbers(d: Any, prefix: str = "") -> dict[str, float]:
 
 def _subgroup_rows(subgroups: Any) -> list[list[str]]:
     """Rows ``[group, level, metric, value (CI)]`` from nested subgroup results."""
-    rows = []
+    rows: list[list[str]] = []
     if not isinstance(subgroups, Mapping):
         return rows
     for group, levels in subgroups.items():

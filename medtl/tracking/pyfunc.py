@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -10,10 +10,13 @@ from medtl.bundle import load_bundle
 from medtl.inference import predict
 from medtl.tracking.store import import_mlflow
 
-_mlflow = import_mlflow()
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PythonModel
+else:  # mlflow is imported only through import_mlflow (offline environment first)
+    PythonModel = import_mlflow().pyfunc.PythonModel
 
 
-class MedtlPyfunc(_mlflow.pyfunc.PythonModel):
+class MedtlPyfunc(PythonModel):
     """MLflow pyfunc over a medtl bundle: DataFrame with ``image`` paths -> probabilities.
 
     Logged "from code" (see ``medtl.tracking.runs``), so nothing is pickled; the bundle is

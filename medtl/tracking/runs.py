@@ -104,7 +104,7 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def environment_info() -> dict[str, Any]:
     """Python, platform and package versions, for ``environment.json`` (no host or user names)."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ENVIRONMENT_PACKAGES:
         try:
             versions[pkg] = importlib.metadata.version(pkg)
@@ -388,9 +388,9 @@ class TrainTracker:
 def model_signature(classes: list[str]) -> Any:
     """pyfunc signature: ``image`` (path) in; ``prob_<class>`` doubles, ``pred``, ``error`` out."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    outputs = [ColSpec("double", f"prob_{c}") for c in classes]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", f"prob_{c}") for c in classes]
     outputs += [ColSpec("string", "image"), ColSpec("string", "pred"), ColSpec("string", "error")]
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
 

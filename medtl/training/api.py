@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from medtl.config import PipelineConfig
+from medtl.models.model import MedtlModel
 from medtl.training.distributed import DistContext, infer_device_for
 from medtl.training.engine import (
     Engine,
@@ -30,7 +30,7 @@ from medtl.training.strategies import get_strategy
 class FitResult:
     """A trained model (best epoch's weights), its per-epoch history and validation output."""
 
-    model: nn.Module
+    model: MedtlModel
     history: list[dict[str, Any]] = field(default_factory=list)
     val_probs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     best_epoch: int = 0
@@ -38,7 +38,7 @@ class FitResult:
 
 def fit(
     cfg: PipelineConfig,
-    model: nn.Module,
+    model: MedtlModel,
     train_ds: Any,
     val_ds: Any | None,
     *,
@@ -74,6 +74,8 @@ def fit(
     )
     engine.strategy.train(engine)
     engine.finish()
+    if engine.val_probs is None:  # finish() always sets them
+        raise RuntimeError("training finished without validation probabilities")
     return FitResult(
         model=engine.model,
         history=engine.extra_history + engine.history,
@@ -83,7 +85,7 @@ def fit(
 
 
 def predict_proba(
-    model: nn.Module, dataset: Any, cfg: PipelineConfig, dist: DistContext | None = None
+    model: MedtlModel, dataset: Any, cfg: PipelineConfig, dist: DistContext | None = None
 ) -> np.ndarray:
     """(N, C) probabilities in dataset order: softmax for single-label (binary: 2 columns),
     sigmoid for multi-label. No augmentation is applied here; pass an evaluation dataset."""
@@ -120,7 +122,7 @@ def predict_proba(
 
     logits = infer_rows(lambda m, x: m(x), model, dataset, make_loader, to_input, autocast, dist)
     labels = dataset_labels(dataset) if getattr(dataset, "records", None) is not None else None
-    task = cfg.data.task
+    task: str = cfg.data.task
     if task == "auto":
         n = model_num_classes(model)
         task = resolve_task(cfg, labels if labels is not None else np.zeros(0), n)

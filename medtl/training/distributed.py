@@ -99,12 +99,12 @@ def sync_buffers(model: torch.nn.Module, ctx: DistContext) -> None:
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP / torch.compile wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
+        inner = getattr(model, "module", None)  # DistributedDataParallel
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, torch.nn.Module):
             return model
+        model = inner
 
 
 def shard_sampler(dataset: Any, ctx: DistContext) -> torch.utils.data.Sampler | None:

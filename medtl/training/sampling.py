@@ -13,12 +13,17 @@ Each epoch's sampler is seeded by ``seed + epoch`` so an interrupted run replays
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
+from torch.utils.data import RandomSampler, WeightedRandomSampler
 
 from medtl.errors import look_up_option
 from medtl.training.distributed import DistContext
+
+if TYPE_CHECKING:
+    from monai.data import DistributedSampler
 
 WEIGHTINGS = ("inverse", "sqrt", "effective")
 
@@ -45,12 +50,12 @@ def sample_groups(labels: np.ndarray, task: str) -> tuple[np.ndarray, int]:
     if task != "multilabel":
         y = labels.astype(int).reshape(-1)
         return y, int(y.max()) + 1 if len(y) else 0
-    y = labels.reshape(len(labels), -1).astype(bool)
-    n_labels = y.shape[1]
-    pos = y.sum(0)
+    positive = labels.reshape(len(labels), -1).astype(bool)
+    n_labels = positive.shape[1]
+    pos = positive.sum(0)
     # Rarest positive label per sample; "no finding" is group n_labels.
-    rank_of = np.where(y, pos[None, :], np.iinfo(np.int64).max)
-    groups = np.where(y.any(1), rank_of.argmin(1), n_labels)
+    rank_of = np.where(positive, pos[None, :], np.iinfo(np.int64).max)
+    groups = np.where(positive.any(1), rank_of.argmin(1), n_labels)
     return groups, n_labels + 1
 
 
@@ -81,7 +86,7 @@ def build_train_sampler(
     seed: int = 0,
     epoch: int = 0,
     dist: DistContext | None = None,
-) -> Sampler:
+) -> WeightedRandomSampler | RandomSampler | DistributedSampler:
     """The training sampler for one epoch.
 
     Single process: torch ``WeightedRandomSampler`` (balanced) or ``RandomSampler`` (random),
@@ -94,6 +99,7 @@ def build_train_sampler(
     if dist is not None and dist.distributed:
         from monai.data import DistributedSampler, DistributedWeightedRandomSampler
 
+        s: DistributedSampler
         if mode == "balanced":
             w = sample_weights(labels, task, weighting, beta)
             s = DistributedWeightedRandomSampler(
@@ -111,6 +117,7 @@ def build_train_sampler(
         s.set_epoch(epoch)
         return s
     if mode == "balanced":
-        w = torch.as_tensor(sample_weights(labels, task, weighting, beta), dtype=torch.double)
-        return WeightedRandomSampler(w, num_samples=n, replacement=True, generator=gen)
+        # A list of Python floats: torch converts it to the same float64 tensor.
+        weights = sample_weights(labels, task, weighting, beta).tolist()
+        return WeightedRandomSampler(weights, num_samples=n, replacement=True, generator=gen)
     return RandomSampler(range(n), generator=gen)

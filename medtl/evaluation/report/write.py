@@ -154,7 +154,9 @@ def _quarantine_list(quarantine: Any) -> list[Mapping[str, Any]]:
     if quarantine is None:
         return []
     if isinstance(quarantine, pd.DataFrame):
-        return quarantine.astype(str).to_dict("records")
+        return [
+            {str(k): v for k, v in row.items()} for row in quarantine.astype(str).to_dict("records")
+        ]
     return [
         q
         if isinstance(q, Mapping)
