@@ -83,27 +83,58 @@ def _check_enough_patients(keys: pd.Series, patients: pd.Series, k: int, what: s
         )
 
 
+def _split_column_test(df: pd.DataFrame, cv: CVConfig, patients: pd.Series) -> set[str]:
+    """Patients the split column marks ``test`` (all their rows, or an error)."""
+    if cv.split_column not in df.columns:
+        return set()
+    split = df[cv.split_column].fillna("").astype(str).str.strip().str.lower()
+    is_test = split == "test"
+    marked = set(patients[is_test])
+    mixed = sorted(set(patients[~is_test]) & marked)
+    if mixed:
+        raise ManifestError(
+            f"patient(s) {mixed[:5]} have rows with {cv.split_column}='test' and rows without: "
+            "a patient is held out as a whole; mark all their rows 'test' or none"
+        )
+    return marked
+
+
+def _check_test_not_in_folds(
+    test: set[str], folds: pd.Series, patients: pd.Series, cv: CVConfig
+) -> None:
+    """A held-out test patient (split 'test' or fold -1) with a CV fold would be trained on."""
+    in_cv = (folds >= 0).to_numpy() & patients.isin(test).to_numpy()
+    if not in_cv.any():
+        return
+    clash = pd.DataFrame({"p": patients[in_cv], "f": folds[in_cv].astype(int)})
+    per = clash.groupby("p", sort=True)["f"].agg(lambda f: sorted(set(f.tolist())))
+    shown = ", ".join(f"'{p}' (fold {'/'.join(map(str, f))})" for p, f in list(per.items())[:5])
+    raise ManifestError(
+        f"{len(per)} patient(s) held out as test (column '{cv.split_column}'='test' or "
+        f"'{cv.fold_column}'=-1) also have a CV fold in column '{cv.fold_column}': {shown}"
+        f"{', ...' if len(per) > 5 else ''}. A test patient must never be trained on: set their "
+        f"'{cv.fold_column}' to -1 on every row to keep them in the test set, or set "
+        f"'{cv.split_column}' to 'train' to cross-validate them"
+    )
+
+
 def _test_patients(
-    df: pd.DataFrame, cv: CVConfig, patient_col: str, keys: pd.Series, seed: int
+    df: pd.DataFrame,
+    cv: CVConfig,
+    patient_col: str,
+    keys: pd.Series,
+    seed: int,
+    marked: set[str],
 ) -> set[str]:
+    """The held-out patients: those the manifest marks, else a random ``cv.test_fraction``."""
     patients = df[patient_col].astype(str)
-    marked: set[str] = set()
-    if cv.split_column in df.columns:
-        split = df[cv.split_column].fillna("").astype(str).str.strip().str.lower()
-        is_test = split == "test"
-        marked = set(patients[is_test])
-        mixed = sorted(set(patients[~is_test]) & marked)
-        if mixed:
-            raise ManifestError(
-                f"patient(s) {mixed[:5]} have rows with {cv.split_column}='test' and rows without: "
-                "a patient is held out as a whole; mark all their rows 'test' or none"
-            )
     if marked:
         if cv.test_fraction > 0:
             raise ConfigError(
-                f"the manifest marks {len(marked)} test patient(s) in column '{cv.split_column}' "
-                f"and cv.test_fraction={cv.test_fraction} asks for a random test split too; "
-                "set cv.test_fraction=0 to use the column, or drop the column"
+                f"the manifest marks {len(marked)} test patient(s) (column '{cv.split_column}'="
+                f"'test' or '{cv.fold_column}'=-1) and cv.test_fraction={cv.test_fraction} asks "
+                "for a random test split too; set cv.test_fraction=0 to use the manifest's "
+                "test patients, or drop those columns"
             )
         return marked
     if cv.test_fraction <= 0:
@@ -182,10 +213,14 @@ def make_splits(
     Honours a manifest fold column (``cv.fold_column``) and a ``split`` column / test fraction.
     Row order and index are kept, so ``result.iloc[i]`` is manifest row ``i``.
 
+    Test patients are the union of the split column's ``test`` rows and the fold column's
+    ``-1`` rows; a test patient who also has a fold (>= 0) is an error, never a silent choice.
+
     Raises:
-        ManifestError: missing columns, a patient spanning folds or test/train, too few
-            patients of a class for the folds.
-        ConfigError: the manifest's fold count differs from ``cv.folds``.
+        ManifestError: missing columns, a patient spanning folds or test/train, a test
+            patient with a CV fold, too few patients of a class for the folds.
+        ConfigError: the manifest's fold count differs from ``cv.folds``; test patients
+            marked in the manifest and a ``cv.test_fraction`` both given.
     """
     _require_columns(df, [label_col, patient_col])
     if df[patient_col].isna().any() or df[label_col].isna().any():
@@ -198,13 +233,14 @@ def make_splits(
     keys = _strat_keys(df[label_col], patients, label_separator)
 
     has_folds = cv.fold_column in df.columns and df[cv.fold_column].notna().any()
-    test: set[str] = set()
+    # Test patients from either source are held out; neither column overrides the other.
+    marked = _split_column_test(df, cv, patients)
     if has_folds:
         # fold -1 in a given column means held-out test (what save_splits writes).
-        minus = pd.to_numeric(df[cv.fold_column], errors="coerce") == -1
-        test = set(patients[minus])
-    if not test:
-        test = _test_patients(df, cv, patient_col, keys, seed)
+        folds_given = pd.to_numeric(df[cv.fold_column], errors="coerce")
+        marked |= set(patients[folds_given == -1])
+        _check_test_not_in_folds(marked, folds_given, patients, cv)
+    test = _test_patients(df, cv, patient_col, keys, seed, marked)
     is_test = patients.isin(test).to_numpy()
 
     if has_folds:
@@ -310,12 +346,11 @@ def make_or_load_splits(
             f"the splits (e.g. {missing[:3]}), {len(extra)} stored image(s) not in the manifest "
             f"(e.g. {extra[:3]}). Delete the file to make new splits"
         )
-    moved = images[
-        table.loc[images, "patient_id"].to_numpy() != df[patient_col].astype(str).to_numpy()
-    ]
+    stored_patient = table["patient_id"].reindex(images.to_numpy()).to_numpy()
+    moved = images[stored_patient != df[patient_col].astype(str).to_numpy()]
     if len(moved):
         raise ManifestError(
-            f"stored splits '{stored}' give image(s) {moved.tolist()[:3]} another patient than the "
+            f"stored splits '{stored}' give image(s) {list(moved)[:3]} another patient than the "
             "manifest does; delete the file to make new splits"
         )
     k = int(table["fold"].max()) + 1
@@ -324,8 +359,8 @@ def make_or_load_splits(
             f"stored splits '{stored}' have {k} folds but cv.folds={cv.folds}; set cv.folds={k}"
         )
     out = df.copy()
-    out["fold"] = table.loc[images, "fold"].to_numpy()
-    out["split"] = table.loc[images, "split"].to_numpy()
+    out["fold"] = table["fold"].reindex(images.to_numpy()).to_numpy()
+    out["split"] = table["split"].reindex(images.to_numpy()).to_numpy()
     return out
 
 

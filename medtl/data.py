@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +31,8 @@ from medtl.errors import (
     UnreadableImageError,
     look_up_option,
 )
-from medtl.transforms import TransformPair
+from medtl.io.base import PIXEL_HASH_KEY
+from medtl.transforms import PIXEL_HASH_DATA_KEY, TransformPair
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,10 @@ def prepare_records(
     """Run the deterministic transforms once per record (filling the disk cache) and
     quarantine the files that cannot be read.
 
+    Each readable record comes back as a copy with ``image_sha256`` (the decoded pixels'
+    sha256, ``medtl.io.pixel_sha256``) when the transforms give one; a cache hit gives it
+    without decoding.
+
     Raises:
         TooManyBadFilesError: the quarantined fraction exceeds ``max_bad_fraction``.
     """
@@ -245,7 +250,7 @@ def prepare_records(
     try:
         for i, rec in enumerate(records):
             try:
-                ds[i]
+                item = ds[i]
             except Exception as err:  # noqa: BLE001 - sorted below: only unreadable files
                 root = _root_cause(err)
                 if not isinstance(root, UnreadableImageError | OSError):
@@ -253,7 +258,8 @@ def prepare_records(
                 bad.append(QuarantineEntry(str(rec["image"]), _reason(root)))
                 log.info("quarantined %s: %s", rec["image"], _reason(root))
             else:
-                good.append(rec)
+                digest = item.get(PIXEL_HASH_DATA_KEY) if isinstance(item, dict) else None
+                good.append({**rec, PIXEL_HASH_KEY: digest} if digest else rec)
             if bar is not None:
                 bar.advance(task)
     finally:
@@ -358,6 +364,8 @@ def make_loader(
     from monai.data import DataLoader
 
     if num_workers == "auto":
+        if not isinstance(dataset, Sized):
+            raise TypeError("num_workers='auto' needs a dataset with a length (__len__)")
         workers = auto_workers(len(dataset), batch_size)
     else:
         workers = int(num_workers)

@@ -4,7 +4,8 @@
 channels, normalisation: computed once per image and cached on disk by ``medtl.data``) and
 ``random`` (augmentation, train only; applied after the cache on every epoch). Normalisation
 comes from the backbone's ``PreprocessSpec``, never guessed. Dictionary keys: ``image`` (a
-path on input, a float32 tensor on output); any other key (``label``...) passes through.
+path on input, a float32 tensor on output) and ``pixel_sha256`` (``PIXEL_HASH_DATA_KEY``:
+the decoded pixels' sha256, set at load); any other key (``label``...) passes through.
 
 Augmentation never flips left-right: in chest radiographs and CT the heart side, situs and
 laterality markers are anatomy, and a mirrored image is a different (abnormal) patient.
@@ -47,7 +48,11 @@ log = logging.getLogger(__name__)
 
 # Bump when a change here alters the deterministic output for the same config: it is part
 # of the on-disk cache key, so old caches are not reused.
-TRANSFORMS_VERSION = "1"
+# "2": the deterministic output also holds PIXEL_HASH_DATA_KEY (caches without it are not reused).
+TRANSFORMS_VERSION = "2"
+# The decoded pixels' ``medtl.io.pixel_sha256`` (hex) in the data dict. Not "image_...": MONAI
+# spatial transforms (Spacingd, ...) treat every "<key>_..." entry as that key's meta dict.
+PIXEL_HASH_DATA_KEY = "pixel_sha256"
 
 # (center, width) in HU, the usual radiology presets.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -140,8 +145,7 @@ class Windowd(MapTransform):
             if win == FILE_WINDOW:
                 meta = getattr(img, "meta", {}) or {}
                 c, w = meta.get("window_center"), meta.get("window_width")
-                ok = c is not None and w is not None and np.isfinite(float(c)) and float(w) > 0
-                if ok:
+                if c is not None and w is not None and np.isfinite(float(c)) and float(w) > 0:
                     win = (float(c), float(w))
                 else:
                     log.info("no VOI window in %s; using the percentile clip", meta.get("source"))
@@ -327,7 +331,11 @@ def _normalise(preprocess: Any, channels: int) -> list:
         sub, div = mean, std
     else:
         sub, div = [float(np.mean(mean))] * channels, [float(np.mean(std))] * channels
-    return [NormalizeIntensityd(keys="image", subtrahend=sub, divisor=div, channel_wise=True)]
+    # MONAI annotates NormalizeIntensityd's subtrahend/divisor as arrays only, but forwards
+    # them to NormalizeIntensity, which declares and accepts per-channel sequences.
+    return [
+        NormalizeIntensityd(keys="image", subtrahend=sub, divisor=div, channel_wise=True)  # type: ignore[arg-type]
+    ]
 
 
 def _augment_2d(level: str) -> list:
@@ -384,21 +392,31 @@ def _augment_3d(level: str) -> list:
 class LoadMedtld(MapTransform):
     """Path -> MetaTensor through ``medtl.io.load_image`` (MONOCHROME1 inverted, modality LUT
     applied, channel-first); meta as ``MedtlReader`` gives it. Lighter than ``LoadImaged``,
-    which builds every default MONAI reader per instance."""
+    which builds every default MONAI reader per instance.
 
-    def __init__(self, keys: Any, reorient: str | None = None):
+    With ``hash_key`` the decoded pixels' ``medtl.io.pixel_sha256`` (before reorientation or
+    any other transform) is stored under ``data[hash_key]``: it travels through the cache, so
+    the leakage checks get every image's content hash without decoding it again.
+    """
+
+    def __init__(self, keys: Any, reorient: str | None = None, hash_key: str | None = None):
         super().__init__(keys)
         self.reorient = reorient
+        self.hash_key = hash_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from monai.data import MetaTensor
 
-        from medtl.io import load_image
+        from medtl.io import load_image, pixel_sha256, reorient
         from medtl.io.monai_reader import monai_meta
 
         d = dict(data)
         for key in self.key_iterator(d):
-            img = load_image(d[key], reorient=self.reorient)
+            img = load_image(d[key])
+            if self.hash_key is not None:
+                d[self.hash_key] = pixel_sha256(img)
+            if self.reorient:
+                img = reorient(img, self.reorient)
             meta = monai_meta(img)
             meta["filename_or_obj"] = str(d[key])
             meta["has_affine"] = img.meta.affine is not None  # monai_meta fills in a diagonal
@@ -407,7 +425,7 @@ class LoadMedtld(MapTransform):
 
 
 def _loader(reorient: str | None = None) -> LoadMedtld:
-    return LoadMedtld("image", reorient=reorient)
+    return LoadMedtld("image", reorient=reorient, hash_key=PIXEL_HASH_DATA_KEY)
 
 
 def _size(tcfg: TransformConfig, dims: int) -> tuple[int, ...]:
@@ -512,7 +530,8 @@ def transform_cache_key(
     plus ``TRANSFORMS_VERSION``: the on-disk cache folder name."""
     t = tcfg.model_dump(mode="json")
     t.pop("augment", None)
-    if dataclasses.is_dataclass(preprocess):
+    pre: dict[str, Any] | str
+    if dataclasses.is_dataclass(preprocess) and not isinstance(preprocess, type):
         pre = dataclasses.asdict(preprocess)
     elif hasattr(preprocess, "model_dump"):
         pre = preprocess.model_dump(mode="json")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from medtl.io.base import ImageMeta, LoadedImage, reorient
+from medtl.io.base import PIXEL_HASH_KEY, ImageMeta, LoadedImage, pixel_sha256, reorient
 from medtl.io.dicom import DECODER_PREFERENCE, is_dicom, load_dicom, read_dicom_header
 from medtl.io.image import load_png_jpeg
 from medtl.io.nifti import load_nifti
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODER_PREFERENCE",
+    "PIXEL_HASH_KEY",
     "READERS",
     "ImageMeta",
     "LoadedImage",
@@ -31,6 +32,7 @@ __all__ = [
     "load_image",
     "load_nifti",
     "load_png_jpeg",
+    "pixel_sha256",
     "read_dicom_header",
     "reorient",
     "supported_suffixes",

@@ -22,6 +22,7 @@ accession number, institution or UID, so nothing identifying can leave through i
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -70,6 +71,24 @@ class LoadedImage:
 
     array: np.ndarray
     meta: ImageMeta
+
+
+# The record key of an image's ``pixel_sha256`` (``medtl.data`` records, leakage checks).
+PIXEL_HASH_KEY = "image_sha256"
+
+
+def pixel_sha256(image: LoadedImage | np.ndarray) -> str:
+    """sha256 of decoded pixels (dtype, shape, then the array bytes), before any transform.
+
+    The same pixels give the same digest whatever the file's format or transfer syntax, so
+    a re-encoded copy of an image is recognised (leakage and duplicate checks).
+    """
+    arr = image.array if isinstance(image, LoadedImage) else np.asarray(image)
+    # Little-endian C order: the digest must not depend on the machine or the array's strides.
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(f"{arr.dtype.str}{tuple(arr.shape)}".encode())
+    digest.update(arr.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
 
 
 def affine_tuple(affine: np.ndarray | None) -> tuple[tuple[float, ...], ...] | None:

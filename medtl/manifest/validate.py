@@ -84,13 +84,16 @@ def validate_manifest(
 
     Errors: empty manifest, missing label or patient id, missing file or empty folder,
     an image listed twice, a label not in ``classes``, a patient in several folds or in
-    both train and test, and (``deep``) a file that cannot be decoded, with the reason.
+    both train and test, and (``deep``) a file that cannot be decoded, with the reason, and
+    identical decoded pixels under two patients (a leak between folds).
     Warnings: a patient with different labels, a class with fewer than
-    ``min_patients_per_class`` patients, a class in ``classes`` with no image.
+    ``min_patients_per_class`` patients, a class in ``classes`` with no image, and (``deep``)
+    identical decoded pixels under two paths of one patient (a duplicate).
 
     Args:
         manifest: from :func:`read_manifest`.
-        deep: decode every image with ``medtl.io.load_image`` (slow; finds corrupt files).
+        deep: decode every image with ``medtl.io.load_image`` (slow; finds corrupt files and
+            copies of one image, re-encoded ones included: see ``medtl.io.pixel_sha256``).
         classes: allowed labels; None accepts any.
         progress: show a progress bar for the deep pass.
         min_patients_per_class: below this a class gets a warning (5 = one per CV fold).
@@ -118,7 +121,11 @@ def validate_manifest(
     errors += _check_patient_in_several_folds(manifest)
     errors += _check_patient_in_train_and_test(manifest)
     if deep:
-        errors += _check_decodable(manifest, exists, progress)
+        digests, unreadable = _decode_all(manifest, exists, progress)
+        errors += unreadable
+        across, within = _check_same_pixels(manifest, digests)
+        errors += across
+        warnings += within
 
     lab = manifest.label_column if has_labels else None
     summary = _summary(manifest.df, manifest.patient_column, lab, per_row)
@@ -317,27 +324,91 @@ def _check_patient_in_train_and_test(manifest: Manifest) -> list[Issue]:
     return [Issue("patient_in_train_and_test", message, _patients_with(manifest, both))]
 
 
-def _check_decodable(
+def _decode_all(
     manifest: Manifest, exists: npt.NDArray[np.bool_], progress: bool
-) -> list[Issue]:
-    """Decode every existing image: corrupt files otherwise surface mid-training."""
-    from medtl.io import load_image  # lazy: decoding plugins are heavy to import
+) -> tuple[dict[int, str], list[Issue]]:
+    """Decode every existing image once: corrupt files otherwise surface mid-training.
+
+    Returns the pixel sha256 of each decoded row and the ``unreadable`` issue (if any).
+    """
+    from medtl.io import load_image, pixel_sha256  # lazy: decoding plugins are heavy to import
 
     df = manifest.df
+    rows_of: dict[str, list[int]] = {}
+    for i in range(len(df)):
+        if exists[i]:
+            rows_of.setdefault(str(df[PATH_COLUMN].iat[i]), []).append(i)
+    digests: dict[int, str] = {}
     unreadable: list[tuple[int, str]] = []
-    todo = [i for i in range(len(df)) if exists[i]]
-    for i in iter_progress(todo, "decoding images", progress):
+    for path in iter_progress(list(rows_of), "decoding images", progress):
         try:
-            load_image(df[PATH_COLUMN].iat[i])
+            digest = pixel_sha256(load_image(path))
         except UnreadableImageError as err:
-            unreadable.append((i, err.reason))
+            unreadable += [(i, err.reason) for i in rows_of[path]]
         except Exception as err:  # a decoder bug must not hide the other files
-            unreadable.append((i, f"{type(err).__name__}: {err}"))
+            unreadable += [(i, f"{type(err).__name__}: {err}") for i in rows_of[path]]
+        else:
+            digests.update(dict.fromkeys(rows_of[path], digest))
     if not unreadable:
-        return []
+        return digests, []
+    unreadable.sort()
     described = [f"'{df[IMAGE_COLUMN].iat[i]}': {reason}" for i, reason in unreadable]
     message = f"{len(unreadable)} image(s) cannot be decoded: {examples(described)}"
-    return [Issue("unreadable", message, tuple(i for i, _ in unreadable))]
+    return digests, [Issue("unreadable", message, tuple(i for i, _ in unreadable))]
+
+
+def _check_same_pixels(
+    manifest: Manifest, digests: dict[int, str]
+) -> tuple[list[Issue], list[Issue]]:
+    """Identical decoded pixels at different paths: under two patients it is an error (the
+    copies can land in different folds: a leak), under one patient a warning (a duplicate).
+
+    A path listed on several rows is one image here (``_check_duplicates`` reports those).
+    """
+    df, pat = manifest.df, manifest.patient_column
+    paths_of: dict[str, dict[str, int]] = {}  # digest -> {path: first row}
+    for i, digest in sorted(digests.items()):
+        paths_of.setdefault(digest, {}).setdefault(str(df[PATH_COLUMN].iat[i]), i)
+    across: list[tuple[int, ...]] = []
+    within: list[tuple[int, ...]] = []
+    for first_rows in paths_of.values():
+        if len(first_rows) < 2:
+            continue
+        rows = tuple(sorted(first_rows.values()))
+        owners = {str(df[pat].iat[i]) for i in rows if not _is_missing(df[pat].iat[i])}
+        (across if len(owners) > 1 else within).append(rows)
+
+    def describe(rows: tuple[int, ...]) -> str:
+        return " = ".join(
+            f"'{df[IMAGE_COLUMN].iat[i]}' (patient '{df[pat].iat[i]}', {manifest.where(i)})"
+            for i in rows
+        )
+
+    errors, warnings = [], []
+    if across:
+        patients = sorted(
+            {str(df[pat].iat[i]) for r in across for i in r if not _is_missing(df[pat].iat[i])}
+        )
+        message = (
+            f"{len(across)} image(s) have identical pixels under different patients "
+            f"({len(patients)} patients: {examples(patients)}), so copies can be split across "
+            f"folds (leakage): {examples([describe(r) for r in across])}. Keep one copy, "
+            "under the patient it belongs to"
+        )
+        errors.append(Issue("same_pixels_across_patients", message, _flat(across)))
+    if within:
+        message = (
+            f"{len(within)} image(s) have identical pixels at several paths of one patient "
+            f"(duplicates, counted twice in metrics): "
+            f"{examples([describe(r) for r in within])}; keep one copy"
+        )
+        warnings.append(Issue("same_pixels_same_patient", message, _flat(within)))
+    return errors, warnings
+
+
+def _flat(groups: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The rows of several groups, sorted."""
+    return tuple(sorted(i for rows in groups for i in rows))
 
 
 def _check_rare_classes(summary: dict, min_patients_per_class: int) -> list[Issue]:
