@@ -223,13 +223,72 @@ def report(run_dir: str) -> None:
 @_MODEL_OPTION
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(exists=True))
 @click.option("--out", default=None, type=click.Path(), help="Report folder.")
+@click.option(
+    "--allow-overlap",
+    is_flag=True,
+    help="Evaluate even if patients or images are in the model's training set (the report "
+    "records the overlap; metrics are then optimistic).",
+)
 @_friendly
-def evaluate(model_ref: str, manifest_path: str, out: str | None) -> None:
+def evaluate(model_ref: str, manifest_path: str, out: str | None, allow_overlap: bool) -> None:
     """The clinical report for a trained model on held-out data."""
     from medtl.evaluation.heldout import evaluate_model
 
-    paths = evaluate_model(model_ref, manifest_path, out)
+    paths = evaluate_model(model_ref, manifest_path, out, allow_overlap=allow_overlap)
     click.echo(f"report: {paths.html}")
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Score both models on this labelled manifest (default: the runs' shared OOF images).",
+)
+@click.option("--out", default=None, type=click.Path(), help="Report folder.")
+@click.option(
+    "--bootstrap",
+    "n_boot",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Paired patient-bootstrap resamples.",
+)
+@click.option("--tracking-uri", default=None, help="Log an MLflow run here ($MLFLOW_TRACKING_URI).")
+@click.option("--experiment", default="medtl-compare", show_default=True, help="MLflow experiment.")
+@_friendly
+def compare(
+    a: str,
+    b: str,
+    manifest_path: str | None,
+    out: str | None,
+    n_boot: int,
+    tracking_uri: str | None,
+    experiment: str,
+) -> None:
+    """Paired comparison of two runs or models on the same patients (AUROC, sens., spec.)."""
+    from rich.table import Table
+
+    from medtl.evaluation.compare import compare_sources, headline_table
+
+    res = compare_sources(
+        a, b, manifest_path, out, n_boot, tracking_uri=tracking_uri, experiment=experiment
+    )
+    header, rows = headline_table(res)
+    table = Table(
+        title=f"A = {res.a.name}, B = {res.b.name}: "
+        f"{res.n_images} images of {res.n_patients} patients"
+    )
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*r)
+    _console().print(table)
+    click.echo(f"report: {res.html_path}")
+    if res.mlflow_run_id:
+        click.echo(f"MLflow run: {res.mlflow_run_id} (experiment {experiment})")
 
 
 @main.command()
