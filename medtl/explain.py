@@ -74,11 +74,6 @@ def write_gradcam_pngs(
     otherwise. File names are ``<index>_<class>.png`` (never the input path, which may carry
     identifiers). Unreadable inputs are skipped here; ``predict`` already reports them.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from medtl.errors import look_up_option
     from medtl.inference import _VOLUME_PRESETS, _default_transform, _inputs
 
@@ -106,16 +101,28 @@ def write_gradcam_pngs(
             with torch.no_grad():
                 idx = int(model(x.float()).argmax(1))
         cam = gradcam_maps(model, x, idx, cam=cam_op)[0]
-        img = _display(x[0].numpy())
-        fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=100)
-        for ax in axes:
-            ax.imshow(img, cmap="gray")
-            ax.axis("off")
-        axes[1].imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        axes[1].set_title(f"Grad-CAM: {bundle.classes[idx]}", fontsize=9)
-        fig.tight_layout()
         dst = out / f"{i:05d}_{bundle.classes[idx]}.png"
-        fig.savefig(dst)
-        plt.close(fig)
-        written.append(dst)
+        written.append(
+            write_overlay_png(x[0].numpy(), cam, f"Grad-CAM: {bundle.classes[idx]}", dst)
+        )
     return written
+
+
+def write_overlay_png(image: np.ndarray, cam: np.ndarray, title: str, dst: str | Path) -> Path:
+    """One PNG: the ``(C, H, W)`` network input | the same with the ``(H, W)`` map over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = _display(image)
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3), dpi=100)
+    for ax in axes:
+        ax.imshow(img, cmap="gray")
+        ax.axis("off")
+    axes[1].imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    axes[1].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dst)
+    plt.close(fig)
+    return Path(dst)
