@@ -98,8 +98,14 @@ def save_bundle(
     threshold: float | list[float],
     lineage: Mapping[str, str] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    training_set: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a trained model as a bundle folder and return the folder.
+
+    ``calibration`` is the fitted calibrator (``medtl.evaluation.calibrators``, JSON form);
+    ``training_set`` the salted fingerprint of the training patients and images that
+    `medtl evaluate` checks an evaluation set against (hashes only, never identifiers).
 
     Raises MedtlError when the class list or threshold does not fit the task.
     """
@@ -145,6 +151,8 @@ def save_bundle(
         "weights_sha256": sha256_file(weights_path),
         "lineage": dict(lineage or {}),
         "metrics": _jsonable(dict(metrics or {})),
+        "calibration": _jsonable(dict(calibration)) if calibration else None,
+        "training_set": _jsonable(dict(training_set)) if training_set else None,
         "config": portable_config(cfg),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False))
@@ -204,7 +212,9 @@ def load_bundle(bundle_dir: str | Path, *, model_factory: ModelFactory | None = 
             "altered or truncated; re-download the model"
         )
     if model_factory is None:
-        from medtl.models import create_model as model_factory
+        from medtl.models import create_model
+
+        model_factory = create_model
     model = model_factory(
         cfg.model, len(classes), spatial_dims=int(meta["spatial_dims"]), pretrained=False
     )

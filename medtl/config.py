@@ -29,6 +29,7 @@ class DataConfig(_Section):
     manifest: str | None = None
     label_column: str = "label"
     patient_column: str = "patient_id"
+    study_column: str = "study_id"  # study-level results when the manifest has it
     classes: list[str] | None = None  # explicit class order; default: sorted unique labels
     positive_class: str | None = None  # binary: the finding (moved last = "positive" in reports)
     task: Literal["auto", "binary", "multiclass", "multilabel"] = "auto"
@@ -133,6 +134,12 @@ class CVConfig(_Section):
     threshold: Literal["youden", "sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0, le=1)
     only_folds: list[int] | None = None  # run a subset of folds (debugging)
+    # How each fold's model (and the refit) picks its epoch, early-stops, is calibrated and gets
+    # its threshold: "inner" on a patient-grouped inner validation split of its own training
+    # patients; "fixed" trains train.epochs with no epoch choice (calibration and threshold
+    # still on the inner split); "outer" on the reported fold itself (optimistic; comparison).
+    selection: Literal["inner", "fixed", "outer"] = "inner"
+    inner_fraction: float = Field(0.25, gt=0, lt=1)
 
 
 class EvaluationConfig(_Section):
@@ -140,6 +147,13 @@ class EvaluationConfig(_Section):
     ci: float = Field(0.95, gt=0, lt=1)
     subgroups: list[str] = Field(default_factory=lambda: ["site"])
     calibration_bins: int = Field(10, ge=2)
+    gallery_per_cell: int = Field(4, ge=0)  # report gallery: cases per TP/FP/FN/TN cell; 0: off
+    # Recalibration of the probabilities: auto = platt for binary/multi-label, temperature for
+    # multiclass. Fitted where thresholds are chosen (see cv.selection), never on the fold it
+    # is reported on.
+    calibration: Literal["auto", "none", "temperature", "platt", "isotonic"] = "auto"
+    # Study- and patient-level results aggregate their images' probabilities this way.
+    aggregate: Literal["mean", "max"] = "mean"
 
 
 class TrackingConfig(_Section):

@@ -11,7 +11,7 @@ row with the reason in ``error`` and empty probabilities: nothing is dropped sil
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pandas as pd
 from medtl.bundle import Bundle, load_bundle
 from medtl.config import TrackingConfig
 from medtl.errors import ConfigError, MedtlError
+from medtl.evaluation.calibrators import apply_calibration
 from medtl.tracking.store import import_mlflow
 
 __all__ = [
@@ -216,8 +217,10 @@ def labels_from_probs(
         return [classes[1] if p >= thr else classes[0] for p in probs[:, 1]]
     if task == "multiclass":
         return [classes[i] for i in probs.argmax(1)]
-    thr = np.broadcast_to(np.asarray(threshold, dtype=float), (len(classes),))
-    return ["|".join(c for c, hit in zip(classes, row >= thr, strict=True) if hit) for row in probs]
+    thrs = np.broadcast_to(np.asarray(threshold, dtype=float), (len(classes),))
+    return [
+        "|".join(c for c, hit in zip(classes, row >= thrs, strict=True) if hit) for row in probs
+    ]
 
 
 def _default_transform(bundle: Bundle) -> Callable[[dict], dict]:
@@ -251,12 +254,15 @@ def predict(
     transform: Callable[[dict], dict] | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    on_item: Callable[[int, Mapping[Hashable, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """Predict every input; returns ``image, prob_<class>..., pred, error`` (error None if ok).
 
     ``inputs`` is a manifest (CSV/Parquet with an ``image`` column), a folder (walked for
     DICOM/NIfTI/PNG/JPEG; DICOM series folders are one input for 2.5D/3D models), one file,
     or a table/list of paths. ``transform`` defaults to the bundle's deterministic transforms.
+    ``on_item(i, data)`` sees each readable input's transformed dict (``pixel_sha256``
+    included), so a caller can use what the decode gave without decoding again.
     """
     import torch
 
@@ -267,6 +273,7 @@ def predict(
     n, c = len(items), len(bundle.classes)
     probs = np.full((n, c), np.nan)
     errors: list[str | None] = [None] * n
+    calibration = bundle.meta.get("calibration")
 
     def flush(batch: list[tuple[int, Any]]) -> None:
         if not batch:
@@ -274,7 +281,8 @@ def predict(
         x = torch.stack([t for _, t in batch]).to(device=device, dtype=torch.float32)
         with torch.inference_mode():
             logits = model(x).float().cpu().numpy()
-        p = probabilities(logits, bundle.task)
+        # The bundle's calibrator (fitted where its threshold was chosen) before thresholding.
+        p = apply_calibration(calibration, probabilities(logits, bundle.task), bundle.task)
         for row, (i, _) in enumerate(batch):
             probs[i] = p[row]
 
@@ -284,11 +292,13 @@ def predict(
             errors[i] = "FileNotFoundError: no such file or folder"
             continue
         try:
-            img = tf({"image": str(path)})["image"]
-            tensor = torch.as_tensor(np.asarray(img), dtype=torch.float32)
+            data = tf({"image": str(path)})
+            tensor = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
         except Exception as err:  # any failure is reported for this input, not fatal
             errors[i] = _reason(err)
             continue
+        if on_item is not None:
+            on_item(i, data)
         if batch and tensor.shape != batch[0][1].shape:
             flush(batch)
             batch = []
@@ -302,11 +312,11 @@ def predict(
     for j, cls in enumerate(bundle.classes):
         out[f"prob_{cls}"] = probs[:, j]
     ok = ~np.isnan(probs).any(axis=1)
-    preds = [None] * n
+    preds: list[str | None] = [None] * n
     if ok.any():
         labels = labels_from_probs(probs[ok], bundle.task, bundle.threshold, bundle.classes)
-        for i, lab in zip(np.flatnonzero(ok), labels, strict=True):
-            preds[i] = lab
+        for row, lab in zip(np.flatnonzero(ok).tolist(), labels, strict=True):
+            preds[row] = lab
     out["pred"] = preds
     out["error"] = errors
     return out

@@ -467,15 +467,29 @@ def _top1(Y: np.ndarray, P: np.ndarray, res: PatientResamples | None, ci: float)
     }
 
 
-def _fold_summary(folds: dict[str, dict], task: str, classes: list[str]) -> dict[str, Any]:
-    """Mean and sample standard deviation across folds of each point estimate."""
+def _fold_summary(
+    folds: dict[str, dict], task: str, classes: list[str], ci: float = 0.95
+) -> dict[str, Any]:
+    """Mean, sample standard deviation and a t-interval on the mean across folds of each point
+    estimate (the interval treats folds as independent, which they are not quite: it is a
+    rough guide to fold-to-fold spread, the pooled patient bootstrap is the headline)."""
+    from scipy import stats as st
 
     def stats(values: list[float | None]) -> dict[str, Any]:
         v = [x for x in values if x is not None]
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else None
+        half = (
+            float(st.t.ppf(0.5 + ci / 2, len(v) - 1)) * sd / np.sqrt(len(v))
+            if sd is not None
+            else None
+        )
+        mean = float(np.mean(v)) if v else None
         return {
-            "mean": float(np.mean(v)) if v else None,
-            "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "mean": mean,
+            "std": sd,
             "n_folds": len(v),
+            "ci_low": mean - half if mean is not None and half is not None else None,
+            "ci_high": mean + half if mean is not None and half is not None else None,
         }
 
     blocks = list(folds.values())
@@ -572,7 +586,7 @@ def evaluate(
         for k in sorted(set(fold_ids.tolist()) - {-1}):
             result["folds"][str(k)] = block(fold_ids == k, seed + 1 + k)
     if result["folds"]:
-        result["fold_summary"] = _fold_summary(result["folds"], task, classes)
+        result["fold_summary"] = _fold_summary(result["folds"], task, classes, ci)
 
     result["subgroups"] = {}
     result["subgroups_missing"] = [s for s in subgroups if s not in df.columns]

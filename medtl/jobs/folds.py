@@ -29,6 +29,10 @@ class FoldResult:
     probs: np.ndarray  # (n_val, n_classes), in val_records order
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0  # 0-based
+    # cv.selection inner/fixed: the model's own inner validation split of its training
+    # patients and its predictions there (they fit the fold's calibrator and threshold).
+    inner_records: list[dict[str, Any]] | None = None
+    inner_probs: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -77,27 +81,31 @@ def run_fold(
     dist: DistContext,
     log_fn: Callable[[dict, int], None] | None = None,
 ) -> FoldResult:
-    """Train on every other fold's patients, predict fold ``k``; resumes from its last.pt.
-
-    Every rank returns the same result; only rank 0 writes ``history.csv``.
+    """Train on every other fold's patients by ``cv.selection``, predict fold ``k``; resumes
+    from its last.pt. Every rank returns the same result; only rank 0 writes ``history.csv``.
     """
     from medtl.data import build_dataset
+    from medtl.jobs.selection import train_selected
     from medtl.models import create_model
-    from medtl.training import fit
+    from medtl.training import fit, predict_proba
 
     tr, va = fold_split(data, k)
     seed_everything(cfg.seed + k)
     model = create_model(cfg.model, len(data.classes), spatial_dims=cfg.spatial_dims)
-    tfm, cache = data.transforms, cfg.data.cache
-    result = fit(
-        cfg,
-        model,
-        build_dataset(tr, tfm.train, data.cache_dir, cache),
-        build_dataset(va, tfm.eval, data.cache_dir, cache),
-        workdir=fold_dir(run_dir, k),
-        log_fn=log_fn,
-        dist=dist,
-    )
+    tfm, cache, workdir = data.transforms, cfg.data.cache, fold_dir(run_dir, k)
+    val_ds = build_dataset(va, tfm.eval, data.cache_dir, cache)
+    if cfg.cv.selection == "outer":  # the reported fold picks the epoch (optimistic)
+        train_ds = build_dataset(tr, tfm.train, data.cache_dir, cache)
+        result = fit(cfg, model, train_ds, val_ds, workdir=workdir, log_fn=log_fn, dist=dist)
+        out = FoldResult(k, va, result.val_probs, result.history, int(result.best_epoch))
+    else:
+        sel = train_selected(
+            cfg, model, tr, tfm, data.cache_dir, workdir, dist, cfg.seed + k, log_fn
+        )
+        probs = predict_proba(sel.model, val_ds, cfg, dist)
+        out = FoldResult(
+            k, va, probs, sel.history, sel.best_epoch, sel.inner_records, sel.inner_probs
+        )
     if dist.is_main:
-        pd.DataFrame(result.history).to_csv(fold_dir(run_dir, k) / "history.csv", index=False)
-    return FoldResult(k, va, result.val_probs, result.history, int(result.best_epoch))
+        pd.DataFrame(out.history).to_csv(workdir / "history.csv", index=False)
+    return out

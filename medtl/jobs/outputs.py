@@ -9,19 +9,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from medtl.config import PipelineConfig
+from medtl.config import CVConfig, PipelineConfig
+from medtl.evaluation.calibrators import apply_calibration, resolve_method
 from medtl.jobs.folds import FoldResult
 from medtl.jobs.pooling import PooledResult, oof_frame
 from medtl.jobs.prepare import TrainData
+from medtl.jobs.refit import Refit
+from medtl.jobs.selection import OperatingPoint, rule_text
 from medtl.jobs.tracking import headline
+from medtl.models.model import MedtlModel
 
-# Where each fold's threshold came from, when more than one fold ran (see build_run_info).
-THRESHOLD_SOURCE = (
+# Where each fold's threshold came from under cv.selection=outer, when more than one fold ran.
+OUTER_THRESHOLD_SOURCE = (
     "the other folds' predictions (never on the fold it is applied to); the "
     "deployed model's threshold on all pooled out-of-fold predictions"
 )
+INNER_THRESHOLD_SOURCE = (
+    "each fold model's own inner validation patients (part of its training patients, never "
+    "the fold it is reported on), on calibrated probabilities; the deployed model's on its own "
+    "inner validation patients"
+)
+
+
+def threshold_source(cv: CVConfig, n_folds: int) -> str | None:
+    """What chose the thresholds; None (one fold run under outer) lets the report's default
+    source, and its optimism note, apply."""
+    if cv.selection != "outer":
+        return INNER_THRESHOLD_SOURCE
+    return OUTER_THRESHOLD_SOURCE if n_folds > 1 else None
 
 
 def write_job_inputs(run_dir: Path, cfg: PipelineConfig, data: TrainData) -> None:
@@ -44,26 +59,36 @@ def build_run_info(
     data: TrainData,
     folds: Sequence[FoldResult],
     pooled: PooledResult,
-    final_epochs: int,
+    refit: Refit,
+    deployed: OperatingPoint,
     lineage: Mapping[str, str],
     tracking_ids: Mapping[str, str | None],
 ) -> dict[str, Any]:
     """``run_info.json``: what the report and `medtl report` read besides the predictions."""
+    method = resolve_method(cfg.evaluation.calibration, data.task)
     return {
         "name": cfg.name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "classes": data.classes,
         "task": data.task,
         "fold_thresholds": {str(k): v for k, v in pooled.fold_thresholds.items()},
-        "final_threshold": pooled.threshold,
+        "final_threshold": deployed.threshold,
         "threshold_method": cfg.cv.threshold,
-        # None (one fold run): the report's default source, and its optimism note, apply.
-        "threshold_source": THRESHOLD_SOURCE if len(folds) > 1 else None,
+        "threshold_source": threshold_source(cfg.cv, len(folds)),
+        "selection": cfg.cv.selection,
+        "selection_rule": rule_text(cfg.cv, cfg.train.epochs),
+        "calibration": {
+            "method": method,
+            "folds": {str(k): p.calibration.to_dict() for k, p in pooled.fold_points.items()},
+            "deployed": deployed.calibration.to_dict(),
+        },
         "best_epochs": [r.epochs_to_best for r in folds],
-        "final_epochs": final_epochs,
+        "final_epochs": refit.epochs,
         "data_summary": data.validation.summary,
         "manifest_hash": data.manifest_hash,
         "quarantine": [{"path": q.path, "reason": q.reason} for q in data.quarantine],
+        "quarantine_breakdown": data.quarantine_breakdown,
+        "n_images_listed": len(data.records) + len(data.quarantine),
         "lineage": dict(lineage),
         "weights": data.transforms.weights_info,
         "subgroups": data.subgroups,
@@ -78,9 +103,14 @@ def write_cv_report(
     pooled: PooledResult,
     run_info: Mapping[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
-    """``run_info.json`` and the report of the pooled folds; returns its paths and metrics."""
+    """The case gallery, ``run_info.json`` and the report of the pooled folds; returns the
+    report's paths and metrics."""
+    from medtl.evaluation.gallery import write_gallery
     from medtl.evaluation.report import write_report
 
+    per_cell = cfg.evaluation.gallery_per_cell
+    gallery = write_gallery(run_dir, cfg, data, pooled.oof, per_cell, pooled.fold_thresholds)
+    run_info = {**run_info, "gallery": gallery}
     (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str))
     paths = write_report(
         run_dir,
@@ -98,32 +128,58 @@ def write_cv_report(
 
 def save_model(
     run_dir: Path,
-    model: nn.Module,
+    model: MedtlModel,
     cfg: PipelineConfig,
     data: TrainData,
-    threshold: Any,
+    deployed: OperatingPoint,
     lineage: Mapping[str, str],
     metrics: Mapping[str, Any],
 ) -> Path:
-    """The final model as a bundle under ``run_dir/model`` with its pooled headline metrics."""
+    """The final model as a bundle under ``run_dir/model``: its calibrator, threshold and
+    pooled headline metrics."""
     from medtl.bundle import save_bundle
+    from medtl.evaluation.leakage import optional_salt, training_fingerprint
 
     bundle_dir = run_dir / "model"
-    pooled = headline(metrics.get("pooled", {}))
-    save_bundle(bundle_dir, model, cfg, data.classes, data.task, threshold, lineage, pooled)
+    save_bundle(
+        bundle_dir,
+        model,
+        cfg,
+        data.classes,
+        data.task,
+        deployed.threshold,
+        lineage,
+        headline(metrics.get("pooled", {})),
+        calibration=deployed.calibration.to_dict(),
+        # Salted hashes of the training patients and pixels: `medtl evaluate` refuses overlap.
+        training_set=training_fingerprint(data.train_pool, optional_salt()),
+    )
     return bundle_dir
 
 
 def held_out_report(
-    run_dir: Path, model: nn.Module, cfg: PipelineConfig, data: TrainData, threshold: Any
+    run_dir: Path, model: MedtlModel, cfg: PipelineConfig, data: TrainData, deployed: OperatingPoint
 ) -> None:
-    """The final model scored once on the held-out test patients, into ``run_dir/test``."""
+    """The final model (calibrated as deployed) scored once on the held-out test patients,
+    into ``run_dir/test``."""
     from medtl.data import build_dataset
     from medtl.evaluation.report import write_evaluation_report
     from medtl.training import predict_proba
 
     ds = build_dataset(data.test, data.transforms.eval, data.cache_dir, cfg.data.cache)
-    probs = predict_proba(model, ds, cfg)
-    df = oof_frame(data.test, probs, -1, data.classes, data.task, cfg.evaluation.subgroups)
+    raw = predict_proba(model, ds, cfg)
+    recalibrated = deployed.calibration.method != "none"
+    probs = apply_calibration(deployed.calibration, raw, data.task) if recalibrated else raw
+    df = oof_frame(
+        data.test,
+        probs,
+        -1,
+        data.classes,
+        data.task,
+        cfg.evaluation.subgroups,
+        raw if recalibrated else None,
+    )
     source = {"source": "held-out test split"}
-    write_evaluation_report(run_dir / "test", df, data.classes, data.task, threshold, cfg, source)
+    write_evaluation_report(
+        run_dir / "test", df, data.classes, data.task, deployed.threshold, cfg, source
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,11 +64,19 @@ class TrainData:
     quarantine: list[QuarantineEntry]
     transforms: Preprocessing
     cache_dir: Path
+    study_column: str | None = None  # the manifest's study column, when it has one
+    quarantine_breakdown: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
     @property
     def train_pool(self) -> list[dict[str, Any]]:
         """Every non-test record: cross-validated, then refit on."""
         return [r for r in self.records if r["split"] != "test"]
+
+    @property
+    def subgroup_and_study(self) -> list[str]:
+        """Record columns the prediction tables carry: the subgroups, then the study."""
+        study = self.study_column
+        return [*self.subgroups, *([study] if study and study not in self.subgroups else [])]
 
     @property
     def test(self) -> list[dict[str, Any]]:
@@ -132,7 +140,8 @@ def split_patients(inputs: TrainInputs, cfg: PipelineConfig) -> pd.DataFrame:
     # Whole columns once; a per-record .iloc builds a pandas Series each time.
     fold_of, split_of = split_df["fold"].to_numpy(), split_df["split"].to_numpy()
     image_of = df["image"].to_numpy()
-    subgroup_of = {col: df[col].to_numpy() for col in inputs.subgroups}
+    extra = [*inputs.subgroups, cfg.data.study_column]
+    subgroup_of = {col: df[col].to_numpy() for col in dict.fromkeys(extra) if col in df.columns}
     for r in inputs.records:
         i = r["row"]
         r["fold"] = int(fold_of[i])
@@ -204,6 +213,29 @@ def decode_into_cache(
     return [r for r in records if str(r["image"]) not in bad], quarantine
 
 
+def quarantine_breakdown(
+    inputs: TrainInputs, quarantine: list[QuarantineEntry]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Quarantined and total images per label and per subgroup value: a decoder failing at one
+    site can drop a subgroup while staying under the bad-file limit."""
+    bad = {q.path for q in quarantine}
+    cols = {"label": lambda r: str(r["label"])} | {
+        c: (lambda r, c=c: str(r.get(c))) for c in inputs.subgroups
+    }
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for name, value_of in cols.items():
+        table: dict[str, dict[str, int]] = {}
+        for r in inputs.records:
+            cell = table.setdefault(value_of(r), {"quarantined": 0, "total": 0})
+            cell["total"] += 1
+            cell["quarantined"] += int(str(r["image"]) in bad)
+        out[name] = dict(sorted(table.items()))
+    if "label" in out:  # class names, not indices
+        names = {str(i): c for i, c in enumerate(inputs.classes)}
+        out["label"] = {names.get(k, k): v for k, v in out["label"].items()}
+    return out
+
+
 def prepare_data(
     cfg: PipelineConfig,
     inputs: TrainInputs,
@@ -221,7 +253,10 @@ def prepare_data(
     records, quarantine = decode_into_cache(
         inputs.records, transforms.eval, cache_dir, cfg.data, dist, cfg.train.progress
     )
+    study = cfg.data.study_column
     return TrainData(
+        study_column=study if study in inputs.manifest.df.columns else None,
+        quarantine_breakdown=quarantine_breakdown(inputs, quarantine),
         records=records,
         classes=inputs.classes,
         task=inputs.task,

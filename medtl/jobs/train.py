@@ -20,9 +20,9 @@ from medtl.jobs.outputs import (
     write_cv_report,
     write_job_inputs,
 )
-from medtl.jobs.pooling import pool_folds
+from medtl.jobs.pooling import pool_folds, pooled_operating_point
 from medtl.jobs.prepare import prepare_data, read_inputs, split_patients
-from medtl.jobs.refit import refit_epochs, refit_final
+from medtl.jobs.refit import refit_final
 from medtl.jobs.tracking import JobTracking, start_tracking
 from medtl.training.distributed import DistContext
 
@@ -86,18 +86,21 @@ def run_train(
             tr, va = fold_split(data, k)
             say(f"fold {k}: {len(tr)} train / {len(va)} validation images")
             folds.append(run_fold(cfg, data, k, run_dir, dist, tracking.fold_logger(k)))
-        pooled = pool_folds(folds, data.classes, data.task, data.subgroups, cfg.cv)
-        epochs = refit_epochs(folds)
-        say(f"final model: refit on {len(data.train_pool)} images for {epochs} epoch(s)")
-        model = refit_final(cfg, data, epochs, run_dir, dist)
+        pooled = pool_folds(folds, data.classes, data.task, data.subgroup_and_study, cfg)
+        n_pool = len(data.train_pool)
+        say(f"final model: refit on {n_pool} images (cv.selection={cfg.cv.selection})")
+        refit = refit_final(cfg, data, folds, run_dir, dist)
+        deployed = refit.point or pooled_operating_point(folds, data.task, cfg)
         outcome = TrainOutcome(run_dir=run_dir, n_quarantined=len(data.quarantine))
         if dist.is_main:
-            run_info = build_run_info(cfg, data, folds, pooled, epochs, lineage, tracking.ids)
+            run_info = build_run_info(
+                cfg, data, folds, pooled, refit, deployed, lineage, tracking.ids
+            )
             paths, metrics = write_cv_report(run_dir, cfg, data, pooled, run_info)
             tracking.close_folds(metrics)
-            bundle = save_model(run_dir, model, cfg, data, pooled.threshold, lineage, metrics)
+            bundle = save_model(run_dir, refit.model, cfg, data, deployed, lineage, metrics)
             if data.test:
-                held_out_report(run_dir, model, cfg, data, pooled.threshold)
+                held_out_report(run_dir, refit.model, cfg, data, deployed)
             model_uri, registered = tracking.publish(run_dir, bundle, pooled.oof, metrics)
             outcome = _finished(outcome, paths, metrics, bundle, tracking, model_uri, registered)
         status = "FINISHED"

@@ -74,7 +74,8 @@ MAX_PARAM_CHARS = 500
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch
 _TEXT_SUFFIXES = (".md", ".html", ".json", ".csv", ".yaml", ".yml", ".txt")
 _ARTIFACT_SUFFIXES = (*_TEXT_SUFFIXES, ".png", ".svg", ".pdf")
-_SKIP_DIRS = ("model", "final", "checkpoints", ".cache")
+# gallery: patient images (pixels may carry burned-in names) stay in the run folder.
+_SKIP_DIRS = ("model", "final", "checkpoints", ".cache", "gallery")
 
 _MODEL_CODE = '''"""medtl pyfunc entry point (MLflow "models from code": nothing is pickled)."""
 import mlflow

@@ -43,8 +43,11 @@ CASES = {
 COMMON = ["train.progress=false", "tracking.enabled=false"]
 
 
-def run_case(name: str, manifest: Path, work: Path, pipelines_root: Path = ROOT) -> Path:
-    """Train case ``name`` on ``manifest`` into ``work/name`` and return the run folder."""
+def run_case(
+    name: str, manifest: Path, work: Path, pipelines_root: Path = ROOT, extra: list[str] = ()
+) -> Path:
+    """Train case ``name`` on ``manifest`` into ``work/name`` and return the run folder
+    (``extra``: overrides for config keys the reference commit did not have)."""
     from medtl.config import load_config
 
     try:
@@ -53,7 +56,7 @@ def run_case(name: str, manifest: Path, work: Path, pipelines_root: Path = ROOT)
         from medtl.pipeline import run_train
 
     pipeline, overrides = CASES[name]
-    cfg = load_config(pipelines_root / pipeline, overrides + COMMON)
+    cfg = load_config(pipelines_root / pipeline, overrides + COMMON + list(extra))
     cfg.data.cache_dir = str(work / "cache")
     outcome = run_train(cfg, manifest_path=manifest, out_dir=work / name)
     return outcome.run_dir

@@ -31,6 +31,7 @@ from medtl.evaluation.report.formatting import (
     fmt_threshold,
     format_ci,
 )
+from medtl.evaluation.report.gallery import gallery_section
 
 # When run_info gives no threshold_source (medtl.pipeline gives one unless a single fold ran).
 DEFAULT_THRESHOLD_SOURCE = "each fold's own validation predictions (the out-of-fold predictions)"
@@ -156,11 +157,11 @@ def results_section(ctx: ReportContext) -> list[Block]:
             f"Values with {ctx.ci_pct} confidence intervals from a patient-level bootstrap "
             f"({m['n_boot']} resamples of patients). Summary: {m['summary_kind']}."
         ),
-        Table(
-            ["metric", f"value ({ctx.ci_pct} CI)"],
-            [[METRIC_LABELS.get(k, k), format_ci(e)] for k, e in pooled["summary"].items()],
-        ),
+        _levels_table(ctx),
     ]
+    note = _aggregate_note(ctx)
+    if note is not None:
+        blocks.append(note)
     if ctx.task != "binary":
         header = ["class", "positive images"] + [METRIC_LABELS[k] for k in FOLD_COLUMNS]
         rows = [
@@ -168,6 +169,64 @@ def results_section(ctx: ReportContext) -> list[Block]:
             for c, pc in pooled["per_class"].items()
         ]
         blocks += [Heading(3, "Per class (one-vs-rest)"), Table(header, rows)]
+    return blocks
+
+
+def _levels(ctx: ReportContext) -> list[tuple[str, Mapping[str, Any]]]:
+    """``(level, metrics)`` for images, then studies and patients when they were evaluated."""
+    return [("image", ctx.metrics)] + list((ctx.metrics.get("levels") or {}).items())
+
+
+def _levels_table(ctx: ReportContext) -> Table:
+    """Headline metrics per image, per study and per patient, side by side."""
+    levels = _levels(ctx)
+    header = ["metric"] + [
+        f"per {lvl} (n={m['pooled']['n']}, {ctx.ci_pct} CI)" for lvl, m in levels
+    ]
+    names = list(ctx.metrics["pooled"]["summary"])
+    rows = [
+        [METRIC_LABELS.get(k, k)] + [format_ci(m["pooled"]["summary"].get(k)) for _, m in levels]
+        for k in names
+    ]
+    return Table(header, rows)
+
+
+def _aggregate_note(ctx: ReportContext) -> Paragraph | None:
+    """How study and patient probabilities were formed, when those levels are shown."""
+    levels = ctx.metrics.get("levels") or {}
+    if not levels:
+        return None
+    how = next(iter(levels.values())).get("aggregate", "mean")
+    return Paragraph(
+        f"Study and patient results use the {how} of their images' probabilities; a study or "
+        "patient is positive when any of its images is. Intervals resample patients at every "
+        "level."
+    )
+
+
+def selection_section(ctx: ReportContext) -> list[Block]:
+    """How each model chose its epoch, calibration and threshold (``cv.selection``)."""
+    rule = ctx.run_info.get("selection_rule")
+    if not rule:
+        return []
+    blocks: list[Block] = [Heading(2, "Model selection"), Paragraph(f"Rule: {rule}.")]
+    if ctx.run_info.get("selection") == "outer":
+        blocks.append(
+            Paragraph(
+                "Warning: with cv.selection=outer each fold's epoch was chosen on the fold that "
+                "is reported, so these cross-validated results are optimistic. Use "
+                "cv.selection=inner for an honest estimate."
+            )
+        )
+    epochs = ctx.run_info.get("best_epochs")
+    if epochs:
+        blocks.append(
+            Paragraph(
+                f"Epochs to the chosen epoch per fold: {epochs}; the registered model: "
+                f"{ctx.run_info.get('final_epochs')} (trained by the same rule on all non-test "
+                "patients, so the cross-validation estimates the procedure that made it)."
+            )
+        )
     return blocks
 
 
@@ -188,6 +247,17 @@ def per_fold_section(ctx: ReportContext) -> list[Block]:
         ["mean ± SD", "", "", ""]
         + [
             f"{fmt(fs[c]['mean'])} ± {fmt(fs[c]['std'])}" if c in fs else "n/a"
+            for c in FOLD_COLUMNS
+        ]
+    )
+    rows.append(
+        [f"mean, {ctx.ci_pct} CI (t, over folds)", "", "", ""]
+        + [
+            format_ci(
+                {"value": fs[c]["mean"], "low": fs[c].get("ci_low"), "high": fs[c].get("ci_high")}
+            )
+            if c in fs
+            else "n/a"
             for c in FOLD_COLUMNS
         ]
     )
@@ -229,7 +299,7 @@ def threshold_section(ctx: ReportContext) -> list[Block]:
     rows = [[str(k), fmt_threshold(v)] for k, v in sorted(ctx.thresholds.items())]
     final = ctx.run_info.get("final_threshold")
     if final is not None:
-        rows.append(["deployed model (all pooled out-of-fold predictions)", fmt_threshold(final)])
+        rows.append(["deployed model", fmt_threshold(final)])
     column = "threshold" + ("s (per class)" if ctx.task != "binary" else "")
     return [Heading(2, "Operating threshold"), Paragraph(text), Table(["fold", column], rows)]
 
@@ -271,13 +341,40 @@ def calibration_section(ctx: ReportContext) -> list[Block]:
         [c, fmt(cur["ece"], 3), format_ci(brier(c), 3)]
         for c, cur in ctx.metrics["calibration"].items()
     ]
-    return [
+    blocks: list[Block] = [
         Heading(2, "Calibration"),
         Paragraph(
             "Do predicted probabilities match observed frequencies? Points on the diagonal are "
             "well calibrated. ECE: expected calibration error over "
             f"{ctx.cfg.evaluation.calibration_bins} equal-width bins."
         ),
+    ]
+    recal = ctx.metrics.get("recalibration")
+    cal_info = ctx.run_info.get("calibration") or {}
+    if recal:
+        blocks += [
+            Paragraph(
+                f"Probabilities were recalibrated ({cal_info.get('method')}); each fold's "
+                "calibrator was fitted where its threshold was chosen, never on the fold it is "
+                "reported on, so the calibrated results below are out-of-fold too. Thresholds "
+                "apply to the calibrated probabilities."
+            ),
+            Table(
+                ["", f"ECE ({ctx.ci_pct} CI)", f"Brier ({ctx.ci_pct} CI)"],
+                [
+                    [when, format_ci(recal[when]["ece"], 3), format_ci(recal[when]["brier"], 3)]
+                    for when in ("before", "after")
+                ],
+            ),
+            Image(ctx.plot("reliability_before"), "Reliability diagram before recalibration"),
+            Image(ctx.plot("reliability"), "Reliability diagram after recalibration"),
+        ]
+        return blocks
+    if cal_info.get("method") == "none":
+        blocks.append(
+            Paragraph("Probabilities were not recalibrated (evaluation.calibration=none).")
+        )
+    return blocks + [
         Table(["class", "ECE", f"Brier ({ctx.ci_pct} CI)"], rows),
         Image(ctx.plot("reliability"), "Reliability diagram"),
     ]
@@ -319,13 +416,28 @@ def quarantine_section(ctx: ReportContext) -> list[Block]:
     q = ctx.quarantine
     if not q:
         return [Heading(2, "Quarantined files"), Paragraph("None: every listed image was read.")]
-    return [
+    blocks: list[Block] = [
         Heading(2, "Quarantined files"),
         Paragraph(
             f"{len(q)} file(s) could not be read and were left out of training and evaluation:"
         ),
         Table(["file", "reason"], [[r.get("path", ""), r.get("reason", "")] for r in q]),
     ]
+    breakdown = ctx.run_info.get("quarantine_breakdown") or {}
+    rows = [
+        [col, value, c["quarantined"], c["total"], f"{c['quarantined'] / max(c['total'], 1):.1%}"]
+        for col, table in breakdown.items()
+        for value, c in table.items()
+    ]
+    if rows:
+        blocks += [
+            Paragraph(
+                "By label and subgroup: a decoder that fails at one site can drop a subgroup "
+                "while the overall bad-file share stays low."
+            ),
+            Table(["by", "value", "quarantined", "listed", "share"], rows),
+        ]
+    return blocks
 
 
 # ----------------------------------------------------------------------------- limitations
@@ -355,21 +467,84 @@ def _shared_notes(metrics: Mapping[str, Any]) -> list[str]:
     return notes + list(metrics.get("notes", []))
 
 
-def limitations_section(ctx: ReportContext) -> list[Block]:
-    """What cross-validation on one dataset does and does not show."""
-    notes = [
-        "Retrospective internal validation (cross-validation on one dataset). Performance on "
-        "other sites, scanners or populations is not established; prospective or external "
-        "validation is needed before clinical use.",
-        "Pooled out-of-fold results combine predictions of the fold models, each at its own "
-        "fold's threshold; the deployed model is refit on all patients.",
-    ]
-    source = ctx.run_info.get("threshold_source")
+def _data_note(ctx: ReportContext) -> str:
+    """What data the estimate rests on, in counts."""
+    m = ctx.metrics
+    sites = (m.get("subgroups") or {}).get("site") or {}
+    where = f" from {len(sites)} site(s)" if sites else ""
+    return (
+        f"Retrospective internal validation: {ctx.cfg.cv.folds}-fold cross-validation on one "
+        f"dataset of {m['n_images']} images from {m['n_patients']} patients{where}. Performance on "
+        "other sites, scanners or populations is not established; external or prospective "
+        "validation is needed before clinical use."
+    )
+
+
+def _selection_notes(ctx: ReportContext) -> list[str]:
+    """What the selection rule, the thresholds and the calibration mean for the numbers."""
+    info, cfg = ctx.run_info, ctx.cfg
+    notes = []
+    if info.get("selection") == "outer":
+        notes.append(
+            "Each fold's epoch was chosen on the reported fold (cv.selection=outer): AUROC and "
+            "every other metric are optimistic."
+        )
+    elif info.get("selection"):
+        notes.append(
+            f"Epoch choice (cv.selection={info['selection']}), calibration and thresholds used an "
+            f"inner split of {cfg.cv.inner_fraction:.0%} of each model's training patients: on "
+            "small data these choices are noisy, and each model trained on the rest only."
+        )
+    source = info.get("threshold_source")
     if source is None or source == DEFAULT_THRESHOLD_SOURCE:
         notes.append(
             "Thresholds were chosen on the same validation predictions they are scored on, so "
             "sensitivity, specificity, PPV, NPV, F1 and accuracy are optimistic; AUROC, AUPRC, "
             "Brier score and ECE do not depend on the threshold."
+        )
+    method = (info.get("calibration") or {}).get("method")
+    reweighted = cfg.train.sampler == "balanced" or cfg.train.loss in ("weighted_ce", "focal")
+    if method == "none" and reweighted:
+        notes.append(
+            "Probabilities were not recalibrated although training re-weighted the classes "
+            "(balanced sampler or weighted loss): they over- or under-state the true risk."
+        )
+    return notes
+
+
+def _quarantine_notes(ctx: ReportContext) -> list[str]:
+    """How many listed images were left out, and any group that lost a larger share."""
+    q = ctx.quarantine
+    listed = ctx.run_info.get("n_images_listed")
+    if not q or not listed:
+        return []
+    share = len(q) / listed
+    notes = [
+        f"{len(q)} of {listed} listed images ({share:.1%}) could not be read and are excluded."
+    ]
+    for col, table in (ctx.run_info.get("quarantine_breakdown") or {}).items():
+        for value, c in table.items():
+            if c["total"] and c["quarantined"] / c["total"] > max(2 * share, 0.05):
+                notes.append(
+                    f"{col}={value} lost {c['quarantined']} of {c['total']} images "
+                    f"({c['quarantined'] / c['total']:.0%}): its results may be biased."
+                )
+    return notes
+
+
+def limitations_section(ctx: ReportContext) -> list[Block]:
+    """What was actually done, and what that does and does not show (generated from the run)."""
+    notes = [
+        _data_note(ctx),
+        "Pooled out-of-fold results combine predictions of the fold models, each at its own "
+        "fold's threshold; the deployed model is refit on all non-test patients by the same rule.",
+        *_selection_notes(ctx),
+        *_quarantine_notes(ctx),
+    ]
+    if ctx.metrics["n_patients"] < 100:
+        notes.append(
+            f"Only {ctx.metrics['n_patients']} patients: every interval is wide; treat point "
+            "estimates with caution."
         )
     return [Heading(2, "Limitations and notes"), BulletList(notes + _shared_notes(ctx.metrics))]
 
@@ -426,9 +601,11 @@ SECTIONS: list[Section] = [
     data_section,
     results_section,
     per_fold_section,
+    selection_section,
     threshold_section,
     curves_section,
     calibration_section,
+    gallery_section,
     subgroups_section,
     quarantine_section,
     limitations_section,

@@ -30,6 +30,7 @@ from medtl.evaluation.report.sections import (
 )
 
 OOF_FILENAME = "oof_predictions.csv"
+UNCALIBRATED_PREFIX = "uncal_prob_"  # the model's probabilities before recalibration
 
 
 @dataclass
@@ -53,6 +54,7 @@ def _predictions_table(
     subgroups: Sequence[str],
     label_col: str,
     patient_col: str,
+    extra_columns: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per image with ``pred`` recomputed from the thresholds (so it always agrees)."""
     for col in ("image", label_col, patient_col):
@@ -79,16 +81,20 @@ def _predictions_table(
     for i, c in enumerate(classes):
         out[f"prob_{c}"] = probs[:, i]
     out["pred"] = pred
-    for col in subgroups:
+    for col in [*subgroups, *extra_columns]:
         if col in df.columns and col not in out.columns:
             out[col] = df[col].to_numpy()
+    for col in df.columns:  # the model's own probabilities, when these were recalibrated
+        if col.startswith(UNCALIBRATED_PREFIX):
+            out[col] = df[col].to_numpy(dtype=float)
     return out
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
     """A written prediction table, identifiers and labels kept as text."""
     head = pd.read_csv(path, nrows=0).columns
-    text_cols = {c: str for c in head if not c.startswith("prob_") and c != "fold"}
+    numeric = ("prob_", UNCALIBRATED_PREFIX)
+    text_cols = {c: str for c in head if not c.startswith(numeric) and c != "fold"}
     return pd.read_csv(path, dtype=text_cols, keep_default_na=False)
 
 
@@ -113,6 +119,11 @@ def _write_plots(
         "pr": plots.plot_pr(panels, pdir / "pr.png"),
         "reliability": plots.plot_reliability(metrics["calibration"], pdir / "reliability.png"),
     }
+    if "recalibration" in metrics:
+        before = metrics["recalibration"]["calibration_before"]
+        paths["reliability_before"] = plots.plot_reliability(
+            before, pdir / "reliability_before.png"
+        )
     pooled = metrics["pooled"]
     if task == "multiclass":
         conf = {"top class (argmax)": (pooled["confusion"], classes)}
@@ -127,6 +138,42 @@ def _write_plots(
             )
     paths["confusion"] = plots.plot_confusion(conf, pdir / "confusion.png")
     return paths
+
+
+# ----------------------------------------------------------------------------- extra metrics
+def _add_levels_and_recalibration(
+    metrics: dict[str, Any],
+    pred: pd.DataFrame,
+    classes: list[str],
+    task: str,
+    thresholds: Any,
+    cfg: PipelineConfig,
+) -> None:
+    """``metrics["levels"]``: the same evaluation per study and per patient;
+    ``metrics["recalibration"]``: the model's own probabilities evaluated too, when these
+    were recalibrated (ECE, Brier and reliability before and after)."""
+    from medtl.evaluation.levels import aggregate_predictions, level_columns
+
+    metrics["levels"] = {}
+    for level, col in level_columns(pred, cfg.data.study_column).items():
+        agg = aggregate_predictions(
+            pred, col, classes, task, cfg.evaluation.aggregate, cfg.evaluation.subgroups
+        )
+        metrics["levels"][level] = evaluate_predictions(agg, classes, task, thresholds, cfg)
+        metrics["levels"][level]["aggregate"] = cfg.evaluation.aggregate
+    raw_cols = [f"{UNCALIBRATED_PREFIX}{c}" for c in classes]
+    if not all(c in pred.columns for c in raw_cols):
+        return
+    raw = pred.drop(columns=[f"prob_{c}" for c in classes]).rename(
+        columns={r: f"prob_{c}" for r, c in zip(raw_cols, classes, strict=True)}
+    )
+    before = evaluate_predictions(raw, classes, task, thresholds, cfg)
+    keep = ("ece", "brier")
+    metrics["recalibration"] = {
+        "before": {k: before["pooled"]["summary"][k] for k in keep},
+        "after": {k: metrics["pooled"]["summary"][k] for k in keep},
+        "calibration_before": before["calibration"],
+    }
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -190,8 +237,11 @@ def write_report(
             "the out-of-fold table needs a 'fold' column; use write_evaluation_report for held-out data"
         )
     subgroups = list(cfg.evaluation.subgroups)
-    pred = _predictions_table(oof, classes, task, thresholds, subgroups, "label", "patient_id")
+    pred = _predictions_table(
+        oof, classes, task, thresholds, subgroups, "label", "patient_id", [cfg.data.study_column]
+    )
     metrics = evaluate_predictions(pred, classes, task, thresholds, cfg)
+    _add_levels_and_recalibration(metrics, pred, classes, task, thresholds, cfg)
     metrics["thresholds"] = {
         "method": cfg.cv.threshold,
         "target_sensitivity": cfg.cv.target_sensitivity
