@@ -301,8 +301,16 @@ def compare(
     type=click.Path(file_okay=False),
     help="Also write Grad-CAM overlays here (2D models), named by the CSV row number.",
 )
+@click.option(
+    "--by",
+    "by_column",
+    help="Also write one row per study or patient: the manifest column to group by "
+    "(e.g. study_id); rows go to OUT with a _by_<column> suffix.",
+)
 @_friendly
-def predict(model_ref: str, input_path: str, out: str, gradcam_dir: str | None) -> None:
+def predict(
+    model_ref: str, input_path: str, out: str, gradcam_dir: str | None, by_column: str | None
+) -> None:
     """Batch prediction on a manifest or a folder of images; writes a CSV."""
     from medtl.inference import predict as run_predict
     from medtl.inference import resolve_model
@@ -311,6 +319,8 @@ def predict(model_ref: str, input_path: str, out: str, gradcam_dir: str | None) 
     df = run_predict(bundle, input_path)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
+    if by_column:
+        _write_group_rows(bundle, df, input_path, by_column, Path(out))
     if gradcam_dir:
         from medtl.explain import write_gradcam_pngs
 
@@ -320,6 +330,29 @@ def predict(model_ref: str, input_path: str, out: str, gradcam_dir: str | None) 
     click.echo(
         f"{len(df)} predictions written to {out}" + (f" ({n_err} unreadable)" if n_err else "")
     )
+
+
+def _write_group_rows(bundle, df, input_path: str, column: str, out: Path) -> None:
+    """The study- or patient-level rows of ``medtl predict --by COLUMN``."""
+    import pandas as pd
+
+    from medtl.errors import ConfigError
+    from medtl.inference import group_predictions
+    from medtl.manifest import read_manifest
+
+    if Path(input_path).is_dir():
+        raise ConfigError("--by needs a manifest input (a CSV with the grouping column)")
+    manifest = read_manifest(input_path)
+    if column not in manifest.df.columns:
+        raise ConfigError(
+            f"--by {column}: no such column in {input_path}; it has {list(manifest.df.columns)}"
+        )
+    by_image = dict(zip(manifest.df["image"].astype(str), manifest.df[column], strict=False))
+    groups = pd.Series([by_image.get(str(i)) for i in df["image"]], index=df.index)
+    rows = group_predictions(df, groups, bundle).rename(columns={"group": column})
+    dest = out.with_name(f"{out.stem}_by_{column}{out.suffix}")
+    rows.to_csv(dest, index=False)
+    click.echo(f"{len(rows)} {column} rows written to {dest}")
 
 
 # ---------------------------------------------------------------- registry, review, audit

@@ -320,3 +320,39 @@ def predict(
     out["pred"] = preds
     out["error"] = errors
     return out
+
+
+def group_predictions(
+    preds: pd.DataFrame, groups: pd.Series, bundle: Bundle, how: str | None = None
+) -> pd.DataFrame:
+    """Study- or patient-level rows: each group's images' probabilities aggregated
+    (``evaluation.aggregate`` of the model, unless ``how``) and thresholded like one image.
+
+    ``groups`` gives each prediction row its study or patient id (same index as ``preds``);
+    unreadable images are left out of their group and counted in ``n_unreadable``.
+    """
+    from medtl.evaluation.levels import AGGREGATES
+
+    how = how or bundle.cfg.evaluation.aggregate
+    if how not in AGGREGATES:
+        raise ConfigError(f"aggregate '{how}' is not one of {list(AGGREGATES)}")
+    prob_cols = [f"prob_{c}" for c in bundle.classes]
+    ok = preds["error"].isna() if "error" in preds.columns else pd.Series(True, preds.index)
+    g = groups.astype(str)
+    table = preds.loc[ok, prob_cols].groupby(g[ok], sort=True).agg(how)
+    counts = pd.DataFrame(
+        {"n_images": g[ok].value_counts(), "n_unreadable": g[~ok].value_counts()}
+    ).fillna(0)
+    table = table.join(counts, how="outer").fillna({"n_images": 0, "n_unreadable": 0})
+    has = table[prob_cols].notna().all(axis=1).to_numpy()
+    pred: list[str | None] = [None] * len(table)
+    if has.any():
+        labels = labels_from_probs(
+            table.loc[has, prob_cols].to_numpy(), bundle.task, bundle.threshold, bundle.classes
+        )
+        for row, lab in zip(np.flatnonzero(has).tolist(), labels, strict=True):
+            pred[row] = lab
+    table["pred"] = pred
+    table[["n_images", "n_unreadable"]] = table[["n_images", "n_unreadable"]].astype(int)
+    table.index.name = "group"
+    return table.reset_index()

@@ -22,9 +22,12 @@ AGGREGATES = ("mean", "max")
 def level_columns(pred: pd.DataFrame, study_col: str) -> dict[str, str]:
     """``{level: column}`` of the levels this table can be aggregated to."""
     levels = {}
-    if study_col in pred.columns and pred[study_col].astype(str).str.strip().ne("").all():
+    studies = pred[study_col].astype(str) if study_col in pred.columns else None
+    # One image per study: study results would repeat the image results.
+    if studies is not None and studies.str.strip().ne("").all() and studies.nunique() < len(pred):
         levels["study"] = study_col
-    levels["patient"] = "patient_id"
+    if pred["patient_id"].astype(str).nunique() < len(pred):  # else: the image results again
+        levels["patient"] = "patient_id"
     return levels
 
 
