@@ -82,6 +82,10 @@ def build_run_info(
             "folds": {str(k): p.calibration.to_dict() for k, p in pooled.fold_points.items()},
             "deployed": deployed.calibration.to_dict(),
         },
+        "operating_point_notes": {
+            **{str(k): p.note for k, p in pooled.fold_points.items() if p.note},
+            **({"deployed": deployed.note} if deployed.note else {}),
+        },
         "best_epochs": [r.epochs_to_best for r in folds],
         "final_epochs": refit.epochs,
         "data_summary": data.validation.summary,

@@ -58,6 +58,7 @@ class OperatingPoint:
     calibration: Calibration
     threshold: Any  # float, or one per class
     n_images: int  # how many held-out images chose them
+    note: str | None = None  # set when the held-out images could not choose (one class)
 
 
 def labels_of(records: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -79,6 +80,10 @@ def fit_operating_point(
     calibrated ones."""
     method = resolve_method(cfg.evaluation.calibration, task)
     cal = fit_calibration(method, y, probs, task)
+    if task == "binary" and len(np.unique(np.asarray(y).astype(int))) < 2:
+        # Tiny data: the held-out images hold one class, so no ROC curve exists.
+        note = f"{len(y)} held-out image(s) of one class: threshold 0.5, no calibration"
+        return OperatingPoint(cal, 0.5, len(y), note)
     threshold = choose_threshold_for(y, apply_calibration(cal, probs, task), task, cfg.cv)
     return OperatingPoint(cal, threshold, len(y))
 

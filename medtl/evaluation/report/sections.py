@@ -502,6 +502,10 @@ def _selection_notes(ctx: ReportContext) -> list[str]:
             "sensitivity, specificity, PPV, NPV, F1 and accuracy are optimistic; AUROC, AUPRC, "
             "Brier score and ECE do not depend on the threshold."
         )
+    for who, note in (info.get("operating_point_notes") or {}).items():
+        notes.append(
+            f"Operating point of {'fold ' + who if who != 'deployed' else 'the deployed model'}: {note}."
+        )
     method = (info.get("calibration") or {}).get("method")
     reweighted = cfg.train.sampler == "balanced" or cfg.train.loss in ("weighted_ce", "focal")
     if method == "none" and reweighted:
