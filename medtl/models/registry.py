@@ -9,6 +9,7 @@ downloads anything, it only looks for local files (see ``medtl.models.weights``)
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -330,6 +331,69 @@ def _lite_entry(k: int, size: int, sha256: str | None, filename: str) -> Backbon
     )
 
 
+# --------------------------------------------------------------------------- VGG (torchvision weights)
+# torchvision names its files ``<arch>-<first 8 hex of the sha256>.pth`` and publishes no full
+# hash (its Weights enums record only the URL); torch.hub's own check_hash compares the same
+# prefix. So these entries carry the 8-hex prefix and weights.py checks it as a prefix.
+_VGG_FILES = {"vgg16": "vgg16-397923af.pth", "vgg19": "vgg19-dcbb9e9d.pth"}
+
+
+def _vgg_builder(arch: str, in_chans: int = 3, spatial_dims: int = 2) -> nn.Module:
+    net = _timm_builder(arch, in_chans, spatial_dims)
+    # timm's VGG output is pre_logits (fc1/fc2, 4096 wide); its num_features is the conv width.
+    net.num_features = net.head_hidden_size
+    return net
+
+
+def _vgg_stage_of(pool_at: tuple[int, ...], name: str) -> int:
+    """Stage of a VGG parameter: conv block 0..4 (``features`` split at the max-pools), then
+    ``pre_logits`` (the pretrained fc1/fc2), then anything else."""
+    m = re.match(r"^features\.(\d+)\.", name)
+    if m:
+        return sum(int(m.group(1)) > p for p in pool_at)
+    return len(pool_at) if name.startswith("pre_logits.") else len(pool_at) + 1
+
+
+def _vgg_entry(arch: str) -> BackboneSpec:
+    from timm.models.vgg import cfgs
+
+    pool_at, i = [], 0
+    for v in cfgs[arch]:  # timm's features: conv, relu per int; one MaxPool per "M"
+        if v == "M":
+            pool_at.append(i)
+        i += 1 if v == "M" else 2
+    cfg = _pretrained_cfg(arch)
+    fname = _VGG_FILES[arch]
+    imagenet = WeightsSpec(
+        tag="imagenet",
+        filename=fname,
+        sha256=fname.removesuffix(".pth").rsplit("-", 1)[1],  # prefix only: see _VGG_FILES
+        source=f"torchvision {arch.upper()}_Weights.IMAGENET1K_V1 (timm '{arch}.tv_in1k')",
+        license="BSD-3-Clause",
+        layout="torchvision_vgg",
+        url_hint=f"https://download.pytorch.org/models/{fname}",
+    )
+    return BackboneSpec(
+        name=arch,
+        family="vgg",
+        spatial_dims=(2,),
+        builder=partial(_vgg_builder, arch),
+        weights={"imagenet": imagenet},
+        preprocess=PreprocessSpec(
+            input_size=tuple(cfg.input_size[1:]),
+            mean=tuple(float(v) for v in cfg.mean),
+            std=tuple(float(v) for v in cfg.std),
+            interpolation=cfg.interpolation or "bilinear",
+        ),
+        first_conv="features.0.weight",
+        classifier="classifier.6.",  # the 1000-class layer; classifier.0/3 map to pre_logits
+        group_matcher=partial(_vgg_stage_of, tuple(pool_at)),
+        default_tag="imagenet",
+        notes="stages: the five conv blocks (stem = block 1), then pre_logits (pretrained "
+        "fc1/fc2 as convs), then the new head; features are the 4096-wide pre_logits output",
+    )
+
+
 def _register_builtin() -> None:
     register(_lite_entry(0, 224, LITE0_SHA256, "efficientnet-lite0-57934424.pth"))
     register(_lite_entry(1, 240, None, "efficientnet-lite1.pth"))
@@ -344,6 +408,8 @@ def _register_builtin() -> None:
     register(_timm_entry("efficientnet_b0", "efficientnet", "classifier.", "conv_stem.weight"))
     register(_timm_entry("convnext_tiny", "convnext", "head.fc.", "stem.0.weight"))
     register(_timm_entry("inception_v3", "inception", "fc.", "Conv2d_1a_3x3.conv.weight"))
+    for arch in ("vgg16", "vgg19"):
+        register(_vgg_entry(arch))
 
     for spec in _volumetric_entries():
         register(spec)

@@ -149,10 +149,16 @@ def _expected_sha(ws: WeightsSpec | None, path: Path, source: str, weights_dir: 
     return None
 
 
+def sha256_matches(expected: str, actual: str) -> bool:
+    """Whether ``actual`` is the ``expected`` hash; a short ``expected`` is a published prefix
+    (torchvision file names embed only the first 8 hex digits, e.g. ``vgg16-397923af.pth``)."""
+    return actual == expected if len(expected) == 64 else actual.startswith(expected.lower())
+
+
 def _verify(path: Path, ws: WeightsSpec | None, source: str, weights_dir: Path) -> tuple[str, bool]:
     actual = sha256_file(path)
     expected = _expected_sha(ws, path, source, weights_dir)
-    if expected and expected != actual:
+    if expected and not sha256_matches(expected, actual):
         raise WeightsError(
             f"weights file {path} fails its sha256 check: expected {expected}, actual {actual}. "
             "The file is corrupt, truncated or not the published one; replace it with the "
@@ -317,11 +323,28 @@ def _torchvision(
     return out
 
 
+def _torchvision_vgg(
+    sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], first_conv: str
+) -> dict:
+    # torchvision's classifier.0/.3 Linear layers are timm's pre_logits.fc1/fc2 convs (the same
+    # reshape as timm's own vgg _filter_fn); classifier.6 was split off as the classifier.
+    names = {"classifier.0.": "pre_logits.fc1.", "classifier.3.": "pre_logits.fc2."}
+    out = {}
+    for k, v in sd.items():
+        new = next((t + k[len(s) :] for s, t in names.items() if k.startswith(s)), k)
+        want = target.get(new)
+        if want is not None and v.ndim == 2 and want.ndim == 4 and v.numel() == want.numel():
+            v = v.reshape(want.shape)  # a wrong size stays as is: reported as wrong shape
+        out[new] = v
+    return out
+
+
 # Layout name -> fn(source_sd_without_classifier, target_sd, first_conv) -> sd in target names.
 LAYOUTS: dict[str, Callable[[dict, dict, str], dict]] = {
     "native": _identity,  # keys already in this network's names (bundles, converted files)
     "timm": _identity,
     "torchvision": _torchvision,
+    "torchvision_vgg": _torchvision_vgg,
     "lukemelas_efficientnet": map_by_order,
     "warvito_radimagenet": _identity,  # medtl.models.radimagenet uses Warvito's module names
     "medicalnet": _identity,  # MONAI ResNet names after stripping "module."
@@ -504,7 +527,7 @@ def import_weights(
     spec, ws = _split_name(as_name)
     wdir = Path(weights_dir).expanduser() if weights_dir else default_weights_dir()
     sha = sha256_file(src)
-    if ws.sha256 and sha != ws.sha256:
+    if ws.sha256 and not sha256_matches(ws.sha256, sha):
         raise WeightsError(
             f"'{src}' is not the published {spec.name}:{ws.tag} file: sha256 expected "
             f"{ws.sha256}, actual {sha}"
