@@ -172,12 +172,27 @@ def demo_data(out: str, patients: int, size: int, seed: int) -> None:
     type=click.Path(),
 )
 @click.option("--set", "overrides", multiple=True, help="Override a config key: key=value.")
+@click.option("--patients", type=click.IntRange(min=2), help="Fewer demo patients (smoke runs).")
+@click.option("--size", type=click.IntRange(min=32), help="Smaller demo images, side in pixels.")
 @_friendly
-def demo(out: str, pipeline_path: str, overrides: tuple[str, ...]) -> None:
+def demo(
+    out: str,
+    pipeline_path: str,
+    overrides: tuple[str, ...],
+    patients: int | None,
+    size: int | None,
+) -> None:
     """Build demo data and run the main job on it end to end (train, report, register)."""
     from medtl.demo import run_demo
 
-    run_demo(Path(out), Path(pipeline_path), list(overrides), console=_console())
+    run_demo(
+        Path(out),
+        Path(pipeline_path),
+        list(overrides),
+        console=_console(),
+        patients=patients,
+        image_size=size,
+    )
 
 
 # ---------------------------------------------------------------- train / report / evaluate

@@ -15,8 +15,20 @@ DEMO_PATIENTS = 80
 DEMO_IMAGE_SIZE = 192
 
 
-def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any = None) -> Any:
-    """Write demo data under ``out/data``, train with ``pipeline_path``, register, and predict."""
+def run_demo(
+    out: Path,
+    pipeline_path: Path,
+    overrides: list[str],
+    console: Any = None,
+    *,
+    patients: int | None = None,
+    image_size: int | None = None,
+) -> Any:
+    """Write demo data under ``out/data``, train with ``pipeline_path``, register, and predict.
+
+    ``patients`` and ``image_size`` (default :data:`DEMO_PATIENTS`, :data:`DEMO_IMAGE_SIZE`)
+    shrink the demo dataset for a quick smoke run.
+    """
     from medtl.config import load_config
     from medtl.demo_data import make_demo_data
     from medtl.inference import predict, resolve_model
@@ -25,7 +37,10 @@ def run_demo(out: Path, pipeline_path: Path, overrides: list[str], console: Any 
     say = console.print if console is not None else print
     out.mkdir(parents=True, exist_ok=True)
     demo = make_demo_data(
-        out / "data", n_patients=DEMO_PATIENTS, image_size=DEMO_IMAGE_SIZE, seed=0
+        out / "data",
+        n_patients=DEMO_PATIENTS if patients is None else patients,
+        image_size=DEMO_IMAGE_SIZE if image_size is None else image_size,
+        seed=0,
     )
     say(f"demo data: {demo.root} (manifest {demo.manifest_csv})")
     cfg = load_config(pipeline_path, DEMO_OVERRIDES + list(overrides))
