@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medtl demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --timeout=900
+	$(PY) -m pytest -q -ra --timeout=900 --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check medtl tests benchmarks
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/loading.py
 	$(PY) benchmarks/feature_extraction.py
 	$(PY) benchmarks/engine_throughput.py
+	$(PY) benchmarks/evaluation_honesty.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) runs mlruns mlflow.db .pytest_cache
