@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -580,31 +580,44 @@ def evaluate(
         "pooled": block(everything, seed),
         "folds": {},
     }
-    notes: list[str] = []
     if "fold" in df.columns:
         fold_ids = df["fold"].astype(int).to_numpy()
         for k in sorted(set(fold_ids.tolist()) - {-1}):
             result["folds"][str(k)] = block(fold_ids == k, seed + 1 + k)
     if result["folds"]:
         result["fold_summary"] = _fold_summary(result["folds"], task, classes, ci)
+    result["subgroups"], result["subgroups_missing"] = _subgroup_blocks(df, subgroups, block, seed)
+    cal_cols = [1] if task == "binary" else range(len(classes))
+    result["calibration"] = {
+        classes[c]: reliability_curve(Y[:, c], P[:, c], n_bins) for c in cal_cols
+    }
+    result["notes"] = _evaluation_notes(result, n_boot)
+    return result
 
-    result["subgroups"] = {}
-    result["subgroups_missing"] = [s for s in subgroups if s not in df.columns]
+
+def _subgroup_blocks(
+    df: pd.DataFrame,
+    subgroups: Sequence[str],
+    block: Callable[[np.ndarray, int], dict[str, Any]],
+    seed: int,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Metrics per value of each subgroup column, and the columns absent (or all missing)."""
+    blocks: dict[str, dict[str, Any]] = {}
+    missing = [s for s in subgroups if s not in df.columns]
     for col in subgroups:
         if col not in df.columns:
             continue
         values = df[col].map(_subgroup_value).to_numpy()
         if set(values.tolist()) == {"(missing)"}:
-            result["subgroups_missing"].append(col)
+            missing.append(col)
             continue
-        result["subgroups"][col] = {
-            v: block(values == v, seed) for v in sorted(set(values.tolist()))
-        }
-    cal_cols = [1] if task == "binary" else range(len(classes))
-    result["calibration"] = {
-        classes[c]: reliability_curve(Y[:, c], P[:, c], n_bins) for c in cal_cols
-    }
+        blocks[col] = {v: block(values == v, seed) for v in sorted(set(values.tolist()))}
+    return blocks, missing
 
+
+def _evaluation_notes(result: Mapping[str, Any], n_boot: int) -> list[str]:
+    """Skipped bootstrap resamples and subgroups whose AUROC is undefined."""
+    notes: list[str] = []
     for name, blk in [("pooled", result["pooled"])] + [
         (f"fold {k}", b) for k, b in result["folds"].items()
     ]:
@@ -618,8 +631,7 @@ def evaluate(
         for v, blk in table.items():
             if blk["summary"]["auroc"]["value"] is None:
                 notes.append(f"subgroup {col}={v}: AUROC undefined (only one class present)")
-    result["notes"] = notes
-    return result
+    return notes
 
 
 def evaluate_predictions(

@@ -285,10 +285,53 @@ def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
 
     ``NAME`` alone audits the ``approved`` version, else the newest one.
     """
-    from mlflow.exceptions import MlflowException
-
     uri = resolve_tracking_uri(tcfg)
     client = make_client(uri)
+    rm, mv, all_versions = _audited_version(client, spec, uri)
+    tags = dict(mv.tags)
+    run = _parent_run_facts(client, mv.run_id or tags.get("medtl.run_id"))
+    lin = {
+        **{k: v for k, v in run["tags"].items() if k in LINEAGE_KEYS},
+        **{k: v for k, v in tags.items() if k in LINEAGE_KEYS},
+    }
+    return {
+        "model": _model_section(rm, mv, tags),
+        **_lineage_sections(lin),
+        "metrics": group_metrics(run["metrics"]),
+        "reviews": review_history(tags),
+        "runs": {
+            "tracking_uri": _redact_uri(uri),
+            "experiment_id": run["experiment_id"],
+            "parent_run_id": run["run_id"],
+            "fold_run_ids": run["fold_ids"],
+            "model_id": getattr(mv, "model_id", None)
+            or (
+                mv.source.removeprefix("models:/")
+                if str(mv.source).startswith("models:/")
+                else None
+            ),
+        },
+        "versions": [
+            {
+                "version": str(v.version),
+                "status": v.tags.get("medtl.status", "unknown"),
+                "aliases": _aliases_of(rm, v.version),
+            }
+            for v in all_versions
+        ],
+    }
+
+
+def _aliases_of(rm: Any, version: Any) -> list[str]:
+    """The registered model's aliases that point at ``version``."""
+    return sorted(a for a, v in rm.aliases.items() if str(v) == str(version))
+
+
+def _audited_version(client: Any, spec: str, uri: str) -> tuple[Any, Any, list[Any]]:
+    """The registered model, the version ``spec`` names (alias, number, else approved, else
+    newest) and all its versions in order."""
+    from mlflow.exceptions import MlflowException
+
     name, alias, version = parse_model_spec(spec)
     try:
         rm = client.get_registered_model(name)
@@ -311,41 +354,55 @@ def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
             version = str(all_versions[-1].version)
         else:
             raise MedtlError(f"model '{name}' has no versions yet")
-    mv = _get_version(client, name, version)
-    tags = dict(mv.tags)
-    run_id = mv.run_id or tags.get("medtl.run_id")
-    run_tags: dict[str, str] = {}
-    run_metrics: dict[str, float] = {}
-    fold_ids: list[str] = []
-    experiment_id = None
-    if run_id:
-        run = client.get_run(run_id)
-        run_tags, run_metrics = dict(run.data.tags), dict(run.data.metrics)
-        experiment_id = run.info.experiment_id
-        folds = client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-        )
-        fold_ids = sorted(r.info.run_id for r in folds)
-    lin = {
-        **{k: v for k, v in run_tags.items() if k in LINEAGE_KEYS},
-        **{k: v for k, v in tags.items() if k in LINEAGE_KEYS},
+    return rm, _get_version(client, name, version), all_versions
+
+
+def _parent_run_facts(client: Any, run_id: str | None) -> dict[str, Any]:
+    """Tags, metrics, experiment and fold run ids of the version's training run."""
+    facts: dict[str, Any] = {
+        "run_id": run_id,
+        "tags": {},
+        "metrics": {},
+        "experiment_id": None,
+        "fold_ids": [],
     }
-    version_aliases = sorted(a for a, v in rm.aliases.items() if str(v) == str(mv.version))
+    if not run_id:
+        return facts
+    run = client.get_run(run_id)
+    experiment_id = run.info.experiment_id
+    folds = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    facts.update(
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+        experiment_id=experiment_id,
+        fold_ids=sorted(r.info.run_id for r in folds),
+    )
+    return facts
+
+
+def _model_section(rm: Any, mv: Any, tags: Mapping[str, str]) -> dict[str, Any]:
+    """The audited version itself: name, number, aliases, status, decisions it carries."""
     return {
-        "model": {
-            "name": name,
-            "version": str(mv.version),
-            "aliases": version_aliases,
-            "status": tags.get("medtl.status", "unknown"),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
-                timespec="seconds"
-            ),
-            "description": mv.description,
-            "model_card": tags.get("medtl.model_card"),
-            "task": tags.get("medtl.task"),
-            "classes": json.loads(tags.get("medtl.classes", "[]")),
-            "threshold": json.loads(tags.get("medtl.threshold", "null")),
-        },
+        "name": rm.name,
+        "version": str(mv.version),
+        "aliases": _aliases_of(rm, mv.version),
+        "status": tags.get("medtl.status", "unknown"),
+        "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
+            timespec="seconds"
+        ),
+        "description": mv.description,
+        "model_card": tags.get("medtl.model_card"),
+        "task": tags.get("medtl.task"),
+        "classes": json.loads(tags.get("medtl.classes", "[]")),
+        "threshold": json.loads(tags.get("medtl.threshold", "null")),
+    }
+
+
+def _lineage_sections(lin: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """The data, code and weights a version came from, out of its lineage tags."""
+    return {
         "data": {
             "manifest_hash": lin.get("medtl.manifest_hash"),
             "n_images": lin.get("medtl.data.n_images"),
@@ -365,28 +422,6 @@ def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
             "source": lin.get("medtl.weights_source"),
             "sha256": lin.get("medtl.weights_sha256"),
         },
-        "metrics": group_metrics(run_metrics),
-        "reviews": review_history(tags),
-        "runs": {
-            "tracking_uri": _redact_uri(uri),
-            "experiment_id": experiment_id,
-            "parent_run_id": run_id,
-            "fold_run_ids": fold_ids,
-            "model_id": getattr(mv, "model_id", None)
-            or (
-                mv.source.removeprefix("models:/")
-                if str(mv.source).startswith("models:/")
-                else None
-            ),
-        },
-        "versions": [
-            {
-                "version": str(v.version),
-                "status": v.tags.get("medtl.status", "unknown"),
-                "aliases": sorted(a for a, x in rm.aliases.items() if str(x) == str(v.version)),
-            }
-            for v in all_versions
-        ],
     }
 
 
