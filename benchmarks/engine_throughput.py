@@ -1,11 +1,14 @@
 """Benchmark: training-step throughput of medtl's engine vs a plain MONAI-tutorial loop.
 
-Same model, data, batch size and device in one run; throughput is images/s of the second
-epoch (the first pays one-off costs). On CUDA it also compares fp32 with AMP + channels_last.
+Same model, data, batch size, workers and augmentation in one run; throughput is images/s of
+the last epoch (the first pays one-off costs), with the engine's ``data_stall`` (host time
+waiting for batches / step time). On CUDA it also compares fp32 with AMP + channels_last and,
+with ``--augment``, augmentation per image in the loader workers with the batch ops on the GPU.
 Prints a Markdown table and writes it to benchmarks/results/engine_throughput.md.
 
     python benchmarks/engine_throughput.py
-    python benchmarks/engine_throughput.py --device cuda --backbone resnet50 --size 224
+    python benchmarks/engine_throughput.py --device cuda --backbone resnet50 --size 224 \
+        --batch-size 64 --workers 8 --augment standard --epochs 3
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def plain_loop(model, dataset, batch_size: int, device: torch.device, epochs: int) -> float:
+def plain_loop(
+    model, dataset, batch_size: int, device: torch.device, epochs: int, workers: int = 0
+) -> float:
     """The MONAI classification tutorial loop; returns images/s of the last epoch."""
     from monai.data import DataLoader
 
@@ -29,7 +34,7 @@ def plain_loop(model, dataset, batch_size: int, device: torch.device, epochs: in
         dataset,
         batch_size=batch_size,
         shuffle=True,
-        num_workers=0,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     model.to(device)
@@ -86,7 +91,33 @@ def compute_only(model, batch_size: int, size: int, in_chans: int, amp: bool, st
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def engine_arms(cfg, ds, n: int, device: torch.device, augmented: bool, tmp: Path) -> list:
+    """(name, images/s, data stall) of the medtl engine: fp32; on CUDA also AMP +
+    channels_last, and with augmentation the same with the augmentation on the GPU."""
+    from medtl.models import create_model
+    from medtl.training import fit
+
+    amp = {"amp": "auto", "channels_last": True}
+    arms: list[tuple[str, dict, str]] = [("medtl engine, fp32", {}, "cpu")]
+    if device.type == "cuda":
+        arms.append(("medtl engine, AMP + channels_last", amp, "cpu"))
+        if augmented:
+            arms.append(("medtl engine, AMP + channels_last, augment on GPU", amp, "cuda"))
+    rows = []
+    for name, extra, where in arms:
+        c = cfg.model_copy(deep=True)
+        for k, v in extra.items():
+            setattr(c.train, k, v)
+        c.data.augment_device = where
+        torch.manual_seed(0)
+        workdir = tmp / name.replace(" ", "_").replace(",", "")
+        res = fit(c, create_model(c.model, n), ds, None, workdir=workdir, resume=False)
+        last = res.history[-1]
+        rows.append((name, float(last["images_per_s"]), float(last["data_stall"])))
+    return rows
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
@@ -94,6 +125,10 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0, help="data.num_workers (loader workers)")
+    ap.add_argument(
+        "--augment", default="none", choices=("none", "light", "standard"), help="preset level"
+    )
     ap.add_argument(
         "--random-init",
         action="store_true",
@@ -103,18 +138,43 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="results file (default results/engine_throughput.md)"
     )
-    a = ap.parse_args()
+    return ap.parse_args()
 
+
+def write_table(a: argparse.Namespace, rows: list, n_images: int, device: torch.device) -> None:
+    """Print the Markdown table and write it to ``--out`` (default results/)."""
+    ref = rows[0][1]
+    lines = [
+        f"Training throughput: {a.backbone}, {a.size}px, batch {a.batch_size}, "
+        f"{n_images} images, {a.workers} workers, augment {a.augment}, device {a.device} "
+        f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
+        f"epoch {a.epochs} of {a.epochs}){', random init' if a.random_init else ''}",
+        "",
+        "| loop | images/s | data stall | vs plain loop |",
+        "|---|---:|---:|---:|",
+    ] + [
+        f"| {name} | {r:.1f} | {'' if st is None else f'{st:.0%}'} | {r / ref:.2f}x |"
+        for name, r, st in rows
+    ]
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out) if a.out else RESULTS / "engine_throughput.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+
+
+def main() -> None:
+    a = parse_args()
     from medtl.config import build_config
     from medtl.data import build_dataset, prepare_records, records_from_manifest
     from medtl.demo_data import make_demo_data
     from medtl.manifest import read_manifest
     from medtl.models import create_model, get_backbone_spec
-    from medtl.training import fit
     from medtl.transforms import build_transforms
 
     tmp = Path(tempfile.mkdtemp(prefix="medtl_bench_tp_"))
-    rows = []
+    rows: list[tuple[str, float, float | None]] = []
     try:
         demo = make_demo_data(
             tmp / "demo", n_patients=a.patients, image_size=max(96, a.size), seed=0
@@ -124,7 +184,7 @@ def main() -> None:
             model_cfg.update({"weights": None, "allow_random_init": True})
         base = {
             "model": model_cfg,
-            "transforms": {"spatial_size": [a.size, a.size], "augment": "none"},
+            "transforms": {"spatial_size": [a.size, a.size], "augment": a.augment},
             "train": {
                 "device": a.device,
                 "batch_size": a.batch_size,
@@ -135,22 +195,17 @@ def main() -> None:
                 "amp": "off",
                 "channels_last": False,
             },
-            "data": {"cache_dir": str(tmp / "cache"), "num_workers": 0},
+            "data": {"cache_dir": str(tmp / "cache"), "num_workers": a.workers},
             "tracking": {"enabled": False},
         }
         cfg = build_config(base, ["strategy.name=fine_tune"])
         records, classes = records_from_manifest(read_manifest(demo.manifest_csv), cfg)
         cfg.data.task = "binary"
         spec = get_backbone_spec(cfg.model.backbone)
-        tr = build_transforms(
-            cfg.transforms,
-            spec.preprocess,
-            cfg.model.in_channels,
-            cfg.model.channel_adapt,
-            train=False,
-        )
+        args = (cfg.transforms, spec.preprocess, cfg.model.in_channels, cfg.model.channel_adapt)
+        tr = build_transforms(*args, train=False)
         records = prepare_records(records, tr, tmp / "cache", 1.0, progress=False).records
-        ds = build_dataset(records, tr, tmp / "cache", "memory")
+        ds = build_dataset(records, build_transforms(*args, train=True), tmp / "cache", "memory")
         n = len(classes)
         device = torch.device(a.device)
 
@@ -158,56 +213,27 @@ def main() -> None:
         rows.append(
             (
                 "plain MONAI-tutorial loop, fp32",
-                plain_loop(create_model(cfg.model, n), ds, a.batch_size, device, a.epochs),
+                plain_loop(
+                    create_model(cfg.model, n), ds, a.batch_size, device, a.epochs, a.workers
+                ),
+                None,
             )
         )
-        arms = [("medtl engine, fp32", {})]
-        if device.type == "cuda":
-            arms.append(
-                ("medtl engine, AMP + channels_last", {"amp": "auto", "channels_last": True})
-            )
-        for name, extra in arms:
-            c = cfg.model_copy(deep=True)
-            for k, v in extra.items():
-                setattr(c.train, k, v)
-            torch.manual_seed(0)
-            res = fit(
-                c,
-                create_model(c.model, n),
-                ds,
-                None,
-                workdir=tmp / name.replace(" ", "_"),
-                resume=False,
-            )
-            rows.append((name, float(res.history[-1]["images_per_s"])))
+        rows += engine_arms(cfg, ds, n, device, a.augment != "none", tmp)
         if device.type == "cuda":
             chans = int(ds[0]["image"].shape[0])
-            for name, amp in [
+            for name, amp_on in [
                 ("compute only (data on GPU), fp32", False),
                 ("compute only (data on GPU), bf16 AMP + channels_last", True),
             ]:
                 torch.manual_seed(0)
                 model = create_model(cfg.model, n)
-                rows.append((name, compute_only(model, a.batch_size, a.size, chans, amp)))
+                rate = compute_only(model, a.batch_size, a.size, chans, amp_on)
+                rows.append((name, rate, None))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    ref = rows[0][1]
-    lines = [
-        f"Training throughput: {a.backbone}, {a.size}px, batch {a.batch_size}, "
-        f"{len(records)} images, device {a.device} "
-        f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
-        f"epoch {a.epochs} of {a.epochs}){', random init' if a.random_init else ''}",
-        "",
-        "| loop | images/s | vs plain loop |",
-        "|---|---:|---:|",
-    ] + [f"| {name} | {r:.1f} | {r / ref:.2f}x |" for name, r in rows]
-    table = "\n".join(lines)
-    print(table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = Path(a.out) if a.out else RESULTS / "engine_throughput.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table + "\n")
+    write_table(a, rows, len(records), device)
 
 
 if __name__ == "__main__":

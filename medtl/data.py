@@ -1,9 +1,10 @@
 """Manifest -> records -> MONAI datasets with an on-disk cache, quarantine and loaders.
 
-The deterministic transforms run once per image (``prepare_records``) into a MONAI
-``PersistentDataset`` under ``cache_dir/<transform cache key>/``; every epoch then reads the
-cached tensor and applies only the random part. Unreadable files are quarantined with their
-reason instead of stopping a run, up to ``data.max_bad_fraction``.
+The deterministic transforms run once per image (``prepare_records``, through the decoding
+pool of ``medtl.preparation``) into a cache under ``cache_dir/<transform cache key>/``: packed
+memory-mapped shards (``data.cache_store=packed``) or MONAI ``PersistentDataset`` files; every
+epoch then reads the cached tensor and applies only the random part. Unreadable files are
+quarantined with their reason instead of stopping a run, up to ``data.max_bad_fraction``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,29 +23,26 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medtl.augment import seed_monai_item
 from medtl.config import PipelineConfig
 from medtl.errors import (
     ConfigError,
     ManifestError,
     TooManyBadFilesError,
-    UnreadableImageError,
     look_up_option,
 )
 from medtl.io.base import PIXEL_HASH_KEY
+from medtl.preparation import CacheStore, open_packed, open_sink, prepare_cache
+from medtl.preparation.pool import DEFAULT_TIMEOUT_S
+from medtl.preparation.quarantine import QuarantineEntry
+from medtl.preparation.quarantine import quarantine_reason as _reason  # noqa: F401 (old name)
+from medtl.preparation.quarantine import root_cause as _root_cause  # noqa: F401 (old name)
 from medtl.transforms import PIXEL_HASH_DATA_KEY, TransformPair
 
 log = logging.getLogger(__name__)
 
 CACHE_MODES = ("disk", "memory", "none")
 SLICE_COLUMN = "slice"  # optional manifest column: the center slice for 2.5D inputs
-
-
-@dataclass(frozen=True)
-class QuarantineEntry:
-    """A file left out of the run and why (one human line)."""
-
-    path: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -176,6 +173,9 @@ def file_identity_hash(item: dict) -> bytes:
 def _inner_dataset(
     items: list[dict], transforms: TransformPair, cache_dir: str | Path | None, cache: str
 ) -> torch.utils.data.Dataset:
+    """The cached deterministic part: ``disk`` reads the packed store when it holds every
+    item (what ``data.cache_store=packed`` prepared), else MONAI ``PersistentDataset`` files
+    (computed on a miss)."""
     from monai.data import CacheDataset, Dataset, PersistentDataset
 
     look_up_option(cache, CACHE_MODES, "data.cache")
@@ -184,6 +184,10 @@ def _inner_dataset(
             raise ConfigError("data.cache=disk needs a cache folder: set data.cache_dir")
         folder = cache_folder(cache_dir, transforms)
         folder.mkdir(parents=True, exist_ok=True)
+        keys = [file_identity_hash(it).decode() for it in items]
+        packed = open_packed(folder, keys, transforms.deterministic)
+        if packed is not None:
+            return packed
         return PersistentDataset(
             items, transforms.deterministic, cache_dir=folder, hash_func=file_identity_hash
         )
@@ -197,26 +201,6 @@ def cache_folder(cache_dir: str | Path, transforms: TransformPair) -> Path:
     return Path(cache_dir) / transforms.cache_key[:32]
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, UnreadableImageError):
-            return err
-        nxt = err.__cause__ or err.__context__
-        if nxt is None:
-            break
-        err = nxt
-    return err
-
-
-def _reason(err: BaseException) -> str:
-    if isinstance(err, UnreadableImageError):
-        return err.reason
-    msg = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:300]
-
-
 def prepare_records(
     records: Sequence[dict],
     transforms: TransformPair,
@@ -224,47 +208,51 @@ def prepare_records(
     max_bad_fraction: float,
     progress: bool = True,
     cache: Literal["disk", "memory", "none"] = "disk",
+    *,
+    workers: int | Literal["auto"] = 0,
+    store: CacheStore = "persistent",
+    decode_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> PreparedData:
     """Run the deterministic transforms once per record (filling the disk cache) and
     quarantine the files that cannot be read.
 
-    Each readable record comes back as a copy with ``image_sha256`` (the decoded pixels'
-    sha256, ``medtl.io.pixel_sha256``) when the transforms give one; a cache hit gives it
-    without decoding.
+    Decoding goes through ``medtl.preparation``: ``workers`` processes (``data.prepare_workers``;
+    0 = in this process), records streamed, entries written atomically into ``store``
+    (``data.cache_store``), entries already cached skipped, so a killed preparation resumes.
+    A decoder that crashes or runs past ``decode_timeout_s`` quarantines its file. Each
+    readable record comes back as a copy with ``image_sha256`` (the decoded pixels' sha256,
+    ``medtl.io.pixel_sha256``) when the transforms give one; a cache hit gives it without
+    decoding. Records and quarantine keep the input order whatever the worker count.
 
     Raises:
         TooManyBadFilesError: the quarantined fraction exceeds ``max_bad_fraction``.
+        CacheSpaceError: the cache folder's disk is full (names it and the space needed).
     """
     records = list(records)
-    mode = "disk" if cache == "disk" and cache_dir is not None else "none"
-    ds = _inner_dataset([_cache_item(r) for r in records], transforms, cache_dir, mode)
+    look_up_option(cache, CACHE_MODES, "data.cache")
+    items = [_cache_item(r) for r in records]
+    sink = None
+    keys = None
+    if cache == "disk" and cache_dir is not None:
+        sink = open_sink(store, cache_folder(cache_dir, transforms))
+        keys = [file_identity_hash(it).decode() for it in items]
+    done = prepare_cache(
+        items,
+        keys,
+        transforms.deterministic,
+        sink,
+        workers=workers,
+        timeout_s=decode_timeout_s,
+        progress=progress,
+    )
     good: list[dict] = []
     bad: list[QuarantineEntry] = []
-    bar = None
-    if progress and records and sys.stdout.isatty():  # live bars only on a terminal
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("decoding images into the cache", total=len(records))
-    try:
-        for i, rec in enumerate(records):
-            try:
-                item = ds[i]
-            except Exception as err:  # noqa: BLE001 - sorted below: only unreadable files
-                root = _root_cause(err)
-                if not isinstance(root, UnreadableImageError | OSError):
-                    raise
-                bad.append(QuarantineEntry(str(rec["image"]), _reason(root)))
-                log.info("quarantined %s: %s", rec["image"], _reason(root))
-            else:
-                digest = item.get(PIXEL_HASH_DATA_KEY) if isinstance(item, dict) else None
-                good.append({**rec, PIXEL_HASH_KEY: digest} if digest else rec)
-            if bar is not None:
-                bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
+    for rec, out in zip(records, done.outcomes, strict=True):
+        if isinstance(out, QuarantineEntry):
+            bad.append(out)
+        else:
+            digest = out.get(PIXEL_HASH_DATA_KEY)
+            good.append({**rec, PIXEL_HASH_KEY: digest} if digest else rec)
     check_bad_fraction(bad, len(records), max_bad_fraction)
     return PreparedData(good, bad)
 
@@ -299,20 +287,28 @@ class MedtlDataset(torch.utils.data.Dataset):
 
     ``records`` holds the record dicts in index order (labels, patient ids for samplers and
     reports); ``deterministic_view()`` is the same data without augmentation.
+
+    A key ``(index, aug_seed)`` (what ``medtl.training.sampling.EpochSampler`` yields) seeds the
+    item's augmentation from (epoch key, index) alone: persistent loader workers then give
+    every epoch its own draws, the same whichever worker loads the item.
     """
 
     def __init__(self, records: list[dict], inner: Any, random: Any):
         self.records = records
         self.inner = inner
         self.random = random
+        self._rng = np.random.RandomState(0)  # reseeded per keyed item (seed_monai_item)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, aug_seed = key if isinstance(key, tuple) else (key, None)
         out = dict(self.inner[index])
         label = self.records[index]["label"]
         if self.random is not None and len(self.random.transforms):
+            if aug_seed is not None:
+                seed_monai_item(self.random, self._rng, aug_seed, index)
             out = self.random(out)
         image = out["image"]
         image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)

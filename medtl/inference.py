@@ -6,14 +6,30 @@
 ``predict`` runs the bundle's deterministic transforms (never augmentation) and returns one
 row per input: ``image, prob_<class>..., pred, error``. An input that cannot be read keeps its
 row with the reason in ``error`` and empty probabilities: nothing is dropped silently.
+
+``predict_for_use`` is `medtl predict`: the same rows behind two guards, with provenance.
+
+- Approval gate: only a registered version whose verified review chain ends in an approval
+  of exactly the bytes loaded (``medtl.tracking.registry.approval_status``) runs; anything
+  else (rejected, not reviewed, a broken chain, other bytes, a bundle folder or run that was
+  never registered) needs ``allow_unapproved`` and then every row says ``approved=False``.
+  A bundle folder counts as unreviewed even when it is a copy of an approved version: a
+  folder carries no proof of which review it passed.
+- Intended-use guard: each input's header facts against the bundle's training input
+  profile (``medtl.intended_use``); the reason goes to ``out_of_profile``; ``strict``
+  refuses those inputs (their row stays, with the refusal in ``error``), and the run goes on.
+- Provenance on every row: ``model_name, model_version, model_sha256, approved,
+  predicted_at`` (UTC, the run's start).
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -26,11 +42,18 @@ from medtl.tracking.store import import_mlflow
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PROVENANCE_COLUMNS",
+    "GatedPrediction",
+    "Provenance",
+    "ResolvedModel",
     "collect_inputs",
     "labels_from_probs",
     "predict",
+    "predict_for_use",
     "probabilities",
+    "profile_flags",
     "resolve_model",
+    "resolve_reference",
 ]
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".hdr", ".mgz", ".png", ".jpg", ".jpeg")
@@ -77,21 +100,32 @@ def _version_for(client: Any, ref: str) -> Any:
     raise ConfigError(f"'models:/{ref}' needs an alias or version: models:/{ref}@approved")
 
 
-def _model_artifact_uri(client: Any, ref: str) -> str:
-    """The artifact URI of a ``models:/`` or ``runs:/`` reference."""
+def _model_artifact_uri(client: Any, ref: str) -> tuple[str, Any | None]:
+    """The artifact URI of a ``models:/`` or ``runs:/`` reference, and the registered
+    ModelVersion it names (None for a logged model or run)."""
     if ref.startswith("models:/m-"):
-        return client.get_logged_model(ref.removeprefix("models:/")).artifact_location
+        return client.get_logged_model(ref.removeprefix("models:/")).artifact_location, None
     if ref.startswith("models:/"):
         mv = _version_for(client, ref.removeprefix("models:/"))
         if getattr(mv, "model_id", None):
-            return client.get_logged_model(mv.model_id).artifact_location
-        return client.get_model_version_download_uri(mv.name, mv.version)
+            return client.get_logged_model(mv.model_id).artifact_location, mv
+        return client.get_model_version_download_uri(mv.name, mv.version), mv
     # runs:/RUN_ID[/path]: medtl logs the model as an MLflow 3 logged model linked to the run.
     run_id = ref.removeprefix("runs:/").split("/", 1)[0]
     model_id = client.get_run(run_id).data.tags.get("medtl.model_id")
     if model_id:
-        return client.get_logged_model(model_id).artifact_location
-    return ref
+        return client.get_logged_model(model_id).artifact_location, None
+    return ref, None
+
+
+@dataclass
+class ResolvedModel:
+    """A loaded bundle and the registered version it came from (None: not from the registry)."""
+
+    bundle: Bundle
+    reference: str
+    name: str | None = None
+    version: str | None = None
 
 
 def resolve_model(
@@ -104,9 +138,19 @@ def resolve_model(
 
     Raises MedtlError/ConfigError naming the reference and what exists instead.
     """
+    return resolve_reference(model_ref, tcfg, model_factory=model_factory).bundle
+
+
+def resolve_reference(
+    model_ref: str | Path,
+    tcfg: TrackingConfig | None = None,
+    *,
+    model_factory: Callable[..., Any] | None = None,
+) -> ResolvedModel:
+    """:func:`resolve_model`, keeping the registered name and version of a ``models:/`` ref."""
     ref = str(model_ref)
     if Path(ref).exists():
-        return load_bundle(ref, model_factory=model_factory)
+        return ResolvedModel(load_bundle(ref, model_factory=model_factory), ref)
     if not ref.startswith(("models:/", "runs:/")):
         raise ConfigError(
             f"model '{ref}' is neither a bundle folder nor an MLflow reference. Valid forms: "
@@ -117,10 +161,13 @@ def resolve_model(
     mlflow = import_mlflow()
     uri = resolve_tracking_uri(tcfg)
     client = make_client(uri)
-    artifact_uri = _model_artifact_uri(client, ref)
+    artifact_uri, mv = _model_artifact_uri(client, ref)
     with tempfile.TemporaryDirectory(prefix="medtl-model-") as tmp:
         local = _download(mlflow, artifact_uri, uri, tmp)
-        return load_bundle(local, model_factory=model_factory)
+        bundle = load_bundle(local, model_factory=model_factory)
+    if mv is None:
+        return ResolvedModel(bundle, ref)
+    return ResolvedModel(bundle, ref, str(mv.name), str(mv.version))
 
 
 # ---------------------------------------------------------------- inputs
@@ -252,8 +299,11 @@ def predict(
     inputs: str | Path | pd.DataFrame | Iterable[str],
     *,
     transform: Callable[[dict], dict] | None = None,
-    batch_size: int = 8,
-    device: str = "cpu",
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | Literal["auto"] = "auto",
+    progress: bool = False,
+    gradcam_dir: str | Path | None = None,
     on_item: Callable[[int, Mapping[Hashable, Any]], None] | None = None,
 ) -> pd.DataFrame:
     """Predict every input; returns ``image, prob_<class>..., pred, error`` (error None if ok).
@@ -261,57 +311,109 @@ def predict(
     ``inputs`` is a manifest (CSV/Parquet with an ``image`` column), a folder (walked for
     DICOM/NIfTI/PNG/JPEG; DICOM series folders are one input for 2.5D/3D models), one file,
     or a table/list of paths. ``transform`` defaults to the bundle's deterministic transforms.
-    ``on_item(i, data)`` sees each readable input's transformed dict (``pixel_sha256``
-    included), so a caller can use what the decode gave without decoding again.
+    Inputs are decoded by ``workers`` crash-isolated processes (:mod:`medtl.prediction`) and
+    run in batches of ``batch_size`` on ``device`` (autocast on CUDA); ``gradcam_dir`` also
+    writes Grad-CAM overlays from the same decoded tensors. ``on_item(i, data)`` sees each
+    readable input's transformed dict (``pixel_sha256`` included), so a caller can use what
+    the decode gave without decoding again.
     """
+    from medtl.prediction import PassOptions
+
+    items = _inputs(inputs, _volumes(bundle))
+    opts = PassOptions(
+        device, batch_size, workers, progress, Path(gradcam_dir) if gradcam_dir else None
+    )
+    return _predict_items(bundle, items, transform=transform, options=opts, on_item=on_item)
+
+
+def predict_serial(
+    bundle: Bundle,
+    inputs: str | Path | pd.DataFrame | Iterable[str],
+    *,
+    transform: Callable[[dict], dict] | None = None,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """The reference path: every input decoded and predicted one after another in this
+    process, on the CPU. Kept so tests can check :func:`predict` against it."""
     import torch
 
-    volumes = bundle.cfg.transforms.preset in _VOLUME_PRESETS
-    items = _inputs(inputs, volumes)
+    items = _inputs(inputs, _volumes(bundle))
     tf = transform or _default_transform(bundle)
-    model = bundle.model.to(device).eval()
-    n, c = len(items), len(bundle.classes)
-    probs = np.full((n, c), np.nan)
-    errors: list[str | None] = [None] * n
-    calibration = bundle.meta.get("calibration")
+    model = bundle.model.cpu().eval()
+    logits = np.full((len(items), len(bundle.classes)), np.nan)
+    errors: list[str | None] = [None] * len(items)
+    for start in range(0, len(items), batch_size):
+        for i in range(start, min(start + batch_size, len(items))):
+            try:
+                x = torch.as_tensor(np.asarray(tf({"image": str(items[i][1])})["image"]))
+            except Exception as err:  # any failure is reported for this input, not fatal
+                errors[i] = _reason(err)
+                continue
+            with torch.inference_mode():
+                logits[i] = model(x[None].float()).float().numpy()[0]
+    return _prediction_frame(bundle, items, logits, errors)
 
-    def flush(batch: list[tuple[int, Any]]) -> None:
-        if not batch:
-            return
-        x = torch.stack([t for _, t in batch]).to(device=device, dtype=torch.float32)
-        with torch.inference_mode():
-            logits = model(x).float().cpu().numpy()
-        # The bundle's calibrator (fitted where its threshold was chosen) before thresholding.
-        p = apply_calibration(calibration, probabilities(logits, bundle.task), bundle.task)
-        for row, (i, _) in enumerate(batch):
-            probs[i] = p[row]
 
-    batch: list[tuple[int, Any]] = []
-    for i, (_, path) in enumerate(items):
-        if not path.exists():
-            errors[i] = "FileNotFoundError: no such file or folder"
-            continue
-        try:
-            data = tf({"image": str(path)})
-            tensor = torch.as_tensor(np.asarray(data["image"]), dtype=torch.float32)
-        except Exception as err:  # any failure is reported for this input, not fatal
-            errors[i] = _reason(err)
-            continue
-        if on_item is not None:
-            on_item(i, data)
-        if batch and tensor.shape != batch[0][1].shape:
-            flush(batch)
-            batch = []
-        batch.append((i, tensor))
-        if len(batch) >= batch_size:
-            flush(batch)
-            batch = []
-    flush(batch)
+def write_gradcam_pngs(
+    bundle: Bundle,
+    inputs: str | Path | pd.DataFrame | Iterable[str],
+    out_dir: str | Path,
+    class_name: str | None = None,
+    transform: Any = None,
+) -> list[Path]:
+    """One PNG per readable input (image | Grad-CAM overlay) for ``class_name``, decoded and
+    run like a prediction (without the table). ``inputs`` is what :func:`predict`
+    takes, in the same order, so ``<index>`` in ``<index>_<class>.png`` is the prediction CSV's
+    row (never the input path, which may carry identifiers). Unreadable inputs are skipped.
+    ``class_name`` defaults to the positive class for binary models, else the predicted one."""
+    from medtl.prediction import PassOptions, run_pass
 
+    items = _inputs(inputs, _volumes(bundle))
+    opts = PassOptions(
+        device="cpu", progress=False, gradcam_dir=Path(out_dir), gradcam_class=class_name
+    )
+    return run_pass(bundle, items, transform or _default_transform(bundle), opts).gradcams
+
+
+def _volumes(bundle: Bundle) -> bool:
+    """Whether a folder of DICOM files is one input (a series) for this model."""
+    return bundle.cfg.transforms.preset in _VOLUME_PRESETS
+
+
+def _predict_items(
+    bundle: Bundle,
+    items: list[tuple[str, Path]],
+    *,
+    options: Any = None,
+    refused: Mapping[int, str] | None = None,
+    transform: Callable[[dict], dict] | None = None,
+    on_item: Callable[[int, Mapping[Hashable, Any]], None] | None = None,
+) -> pd.DataFrame:
+    """:func:`predict` over ``(display, path)`` items; ``refused`` rows (index -> reason) are
+    not read and keep the reason in ``error``."""
+    from medtl.prediction import PassOptions, run_pass
+
+    tf = transform or _default_transform(bundle)
+    res = run_pass(bundle, items, tf, options or PassOptions(), refused=refused, on_item=on_item)
+    out = _prediction_frame(bundle, items, res.logits, res.errors)
+    out.attrs["gradcams"] = [str(p) for p in res.gradcams]
+    return out
+
+
+def _prediction_frame(
+    bundle: Bundle, items: list[tuple[str, Path]], logits: np.ndarray, errors: list[str | None]
+) -> pd.DataFrame:
+    """``image, prob_<class>..., pred, error`` rows; probabilities through the bundle's
+    calibrator (fitted where its threshold was chosen) before thresholding."""
+    n = len(items)
+    ok = ~np.isnan(logits).any(axis=1)
+    probs = np.full(logits.shape, np.nan)
+    if ok.any():
+        raw = probabilities(logits[ok], bundle.task)
+        probs[ok] = apply_calibration(bundle.meta.get("calibration"), raw, bundle.task)
     out = pd.DataFrame({"image": [d for d, _ in items]})
     for j, cls in enumerate(bundle.classes):
         out[f"prob_{cls}"] = probs[:, j]
-    ok = ~np.isnan(probs).any(axis=1)
     preds: list[str | None] = [None] * n
     if ok.any():
         labels = labels_from_probs(probs[ok], bundle.task, bundle.threshold, bundle.classes)
@@ -356,3 +458,130 @@ def group_predictions(
     table[["n_images", "n_unreadable"]] = table[["n_images", "n_unreadable"]].astype(int)
     table.index.name = "group"
     return table.reset_index()
+
+
+# ---------------------------------------------------------------- gated prediction (medtl predict)
+#: Columns `medtl predict` adds to every row, after ``error``.
+PROVENANCE_COLUMNS = (
+    "out_of_profile",
+    "model_name",
+    "model_version",
+    "model_sha256",
+    "approved",
+    "predicted_at",
+)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which model made the predictions, whether it was approved, and when."""
+
+    model_name: str  # "" for a model that is not a registered version
+    model_version: str
+    model_sha256: str  # medtl.bundle.bundle_sha256 of the bytes loaded
+    approved: bool
+    approval: str  # the approval gate's one-line answer
+    predicted_at: str  # UTC, ISO 8601: when this prediction run started
+
+
+@dataclass
+class GatedPrediction:
+    """What :func:`predict_for_use` returns: the rows and what they rest on."""
+
+    rows: pd.DataFrame
+    bundle: Bundle
+    provenance: Provenance
+    n_out_of_profile: int
+    n_refused: int
+    profile_checked: bool  # False: the bundle has no input profile, inputs were not checked
+
+
+def _approval(resolved: ResolvedModel, tcfg: TrackingConfig | None) -> tuple[bool, str]:
+    if resolved.name is None or resolved.version is None:
+        return False, (
+            f"'{resolved.reference}' is not a registered model version (a bundle folder, run or "
+            "logged model carries no review); predict from the registry, e.g. "
+            "models:/NAME@approved"
+        )
+    from medtl.tracking.registry import approval_status
+
+    status = approval_status(resolved.name, resolved.version, resolved.bundle.sha256, tcfg)
+    return status.approved, status.reason
+
+
+def profile_flags(bundle: Bundle, items: Iterable[tuple[str, Path]]) -> dict[int, str]:
+    """Index -> why each input is outside the bundle's training input profile (header facts
+    only; an input whose header cannot be read is left to prediction to report)."""
+    from medtl.errors import UnreadableImageError
+    from medtl.intended_use import check_profile, read_image_facts
+
+    profile = bundle.meta.get("input_profile")
+    if not profile:
+        return {}
+    out = {}
+    for i, (_, path) in enumerate(items):
+        try:
+            facts = read_image_facts(path)
+        except UnreadableImageError:
+            continue
+        reason = check_profile(profile, facts)
+        if reason:
+            out[i] = reason
+    return out
+
+
+def predict_for_use(
+    model_ref: str | Path,
+    inputs: str | Path | pd.DataFrame | Iterable[str],
+    *,
+    tcfg: TrackingConfig | None = None,
+    allow_unapproved: bool = False,
+    strict: bool = False,
+    transform: Callable[[dict], dict] | None = None,
+    model_factory: Callable[..., Any] | None = None,
+    options: Any = None,
+) -> GatedPrediction:
+    """`medtl predict`: the approval gate, the intended-use guard, then :func:`predict` with
+    the provenance columns (see the module docstring).
+
+    Raises MedtlError when the model is not approved (without ``allow_unapproved``), or
+    ``strict`` is asked of a bundle that has no input profile.
+    """
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    resolved = resolve_reference(model_ref, tcfg, model_factory=model_factory)
+    bundle = resolved.bundle
+    approved, why = _approval(resolved, tcfg)
+    if not approved and not allow_unapproved:
+        raise MedtlError(
+            f"predict refuses this model: {why}. To predict anyway, pass --allow-unapproved "
+            "(every row is then marked approved=false)"
+        )
+    has_profile = bool(bundle.meta.get("input_profile"))
+    if strict and not has_profile:
+        raise MedtlError(
+            "--strict checks inputs against the model's training input profile, and this "
+            "bundle has none (made before medtl recorded it); retrain it, or drop --strict"
+        )
+    items = _inputs(inputs, _volumes(bundle))
+    flags = profile_flags(bundle, items)
+    refused = (
+        {i: f"refused (--strict): outside the model's intended use: {r}" for i, r in flags.items()}
+        if strict
+        else {}
+    )
+    rows = _predict_items(bundle, items, refused=refused, transform=transform, options=options)
+    prov = Provenance(
+        resolved.name or "",
+        resolved.version or "",
+        bundle.sha256 or "",
+        approved,
+        why,
+        started,
+    )
+    rows["out_of_profile"] = [flags.get(i) for i in range(len(rows))]
+    rows["model_name"] = prov.model_name
+    rows["model_version"] = prov.model_version
+    rows["model_sha256"] = prov.model_sha256
+    rows["approved"] = prov.approved
+    rows["predicted_at"] = prov.predicted_at
+    return GatedPrediction(rows, bundle, prov, len(flags), len(refused), has_profile)

@@ -8,7 +8,8 @@ import torch
 
 from medtl.bundle import load_bundle, save_bundle
 from medtl.config import build_config
-from medtl.explain import gradcam_maps, last_conv_layer, write_gradcam_pngs
+from medtl.explain import gradcam_maps, last_conv_layer
+from medtl.inference import write_gradcam_pngs
 from medtl.models import create_model
 
 

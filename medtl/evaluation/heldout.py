@@ -104,6 +104,7 @@ def evaluate_model(
     out: str | Path | None = None,
     *,
     allow_overlap: bool = False,
+    options: Any = None,
 ) -> Any:
     """Predict a held-out manifest with a trained model and write the same report as CV.
 
@@ -116,6 +117,7 @@ def evaluate_model(
     from medtl.evaluation.report import write_evaluation_report
     from medtl.inference import predict, resolve_model
     from medtl.manifest import read_manifest
+    from medtl.prediction import PassOptions
     from medtl.transforms import PIXEL_HASH_DATA_KEY
 
     bundle = resolve_model(model_ref)
@@ -126,7 +128,16 @@ def evaluate_model(
         if data.get(PIXEL_HASH_DATA_KEY):
             digests[i] = str(data[PIXEL_HASH_DATA_KEY])
 
-    preds = predict(bundle, manifest_path, on_item=keep_digest)
+    opts = options or PassOptions(progress=False)
+    preds = predict(
+        bundle,
+        manifest_path,
+        on_item=keep_digest,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        progress=opts.progress,
+    )
     info: dict[str, Any] = {"source": str(manifest_path), "model": model_ref}
     unreadable = set(preds.index[preds["error"].notna()].tolist())
     info.update(_overlap_info(bundle, manifest, digests, unreadable, allow_overlap))

@@ -137,6 +137,8 @@ def split_patients(inputs: TrainInputs, cfg: PipelineConfig) -> pd.DataFrame:
         patient_col=cfg.data.patient_column,
         seed=cfg.seed,
     )
+    if cfg.cv.group_by is not None:  # leave-one-group-out: resolved like data.task, in place
+        cfg.cv.folds = int(split_df["fold"].max()) + 1
     # Whole columns once; a per-record .iloc builds a pandas Series each time.
     fold_of, split_of = split_df["fold"].to_numpy(), split_df["split"].to_numpy()
     image_of = df["image"].to_numpy()
@@ -192,19 +194,29 @@ def decode_into_cache(
 ) -> tuple[list[dict], list[QuarantineEntry]]:
     """Decode every image once into the cache; return the readable records and the quarantine.
 
-    Under torchrun each rank decodes only its share (records[rank::world]); the quarantine
-    lists are then gathered so every rank drops the same files and the bad-file limit applies
-    to the whole manifest.
+    Under torchrun each rank decodes only its share (records[rank::world]) into the same cache
+    (the packed store gives every writer its own shards); the quarantine lists are then
+    gathered so every rank drops the same files and the bad-file limit applies to the whole
+    manifest.
     """
+    # The decoding pool and the store (data.prepare_workers, data.cache_store); under
+    # torchrun, "auto" workers are this rank's share of the node's cores.
+    pool: dict[str, Any] = {
+        "workers": dcfg.prepare_workers,
+        "store": dcfg.cache_store,
+        "decode_timeout_s": dcfg.decode_timeout_s,
+    }
     if dist.world_size == 1:
         prepared = prepare_records(
-            records, transforms, cache_dir, dcfg.max_bad_fraction, progress, dcfg.cache
+            records, transforms, cache_dir, dcfg.max_bad_fraction, progress, dcfg.cache, **pool
         )
         return prepared.records, list(prepared.quarantine)
     import torch.distributed as tdist
 
     share = records[dist.rank :: dist.world_size]
-    mine = prepare_records(share, transforms, cache_dir, 1.0, progress=False, cache=dcfg.cache)
+    mine = prepare_records(
+        share, transforms, cache_dir, 1.0, progress=False, cache=dcfg.cache, **pool
+    )
     parts: list[Any] = [None] * dist.world_size
     tdist.all_gather_object(parts, [(q.path, q.reason) for q in mine.quarantine])
     quarantine = [QuarantineEntry(p, r) for part in parts for p, r in part]

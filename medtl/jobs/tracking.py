@@ -58,6 +58,25 @@ class JobTracking:
         self._folds[k] = self.tracker.fold_run(k)
         return self._folds[k].log_epoch
 
+    def fold_run_id(self, k: int) -> str | None:
+        """The MLflow run id of fold ``k``'s run in this job (None when off or not opened)."""
+        fold_run = self._folds.get(k)
+        return fold_run.run_id if fold_run is not None else None
+
+    def reopen_folds(self, run_ids: Mapping[int, str]) -> None:
+        """Take over fold runs that fold jobs opened (``--collect`` logs their metrics)."""
+        if self.tracker is None:
+            return
+        from medtl.tracking.runs import FoldRun
+
+        for k, run_id in run_ids.items():
+            self._folds[k] = FoldRun(self.tracker.tracking_uri, run_id, k)
+
+    def end_folds(self, status: str) -> None:
+        """End this job's fold runs but not the parent (a fold job; ``--collect`` ends it)."""
+        for fold_run in self._folds.values():
+            fold_run.end(status)
+
     def close_folds(self, metrics: Mapping[str, Any]) -> None:
         """Each fold run gets the report's own per-fold metrics (no second evaluation)."""
         for k, fold_run in self._folds.items():
@@ -104,4 +123,29 @@ def start_tracking(
     tracker.start()
     tracker.log_dataset(manifest_hash, validation.summary)
     say(f"MLflow run {tracker.parent_run_id} at {tracker.tracking_uri}")
+    return JobTracking(tracker)
+
+
+def attach_tracking(
+    cfg: PipelineConfig,
+    lineage: Mapping[str, str],
+    parent_run_id: str,
+    say: Callable[..., None],
+) -> JobTracking:
+    """Join the parent run another job of the same run folder started (fold jobs, collect).
+
+    Raises MedtlError when this tracking store does not hold that run."""
+    from medtl.errors import MedtlError
+    from medtl.tracking.runs import TrainTracker
+
+    tracker = TrainTracker(cfg.tracking, cfg, lineage)
+    try:
+        tracker.attach(parent_run_id)
+    except Exception as err:  # MLflow raises its own error types for an unknown run
+        raise MedtlError(
+            f"MLflow parent run {parent_run_id} (recorded in the run folder's job.json) is not "
+            f"in {tracker.tracking_uri}: {err}. Point tracking.uri (or MLFLOW_TRACKING_URI) at "
+            "the server the first job of this run used"
+        ) from err
+    say(f"MLflow run {parent_run_id} at {tracker.tracking_uri} (joined)")
     return JobTracking(tracker)

@@ -9,6 +9,13 @@ is a function of ``seed + epoch``, and last.pt holds model, optimizer, scheduler
 history, best metric and the early-stop counter, so a killed run resumed from last.pt ends
 with the same weights and metrics as an uninterrupted one (CPU; on GPU up to cuDNN
 non-determinism). Checkpoints are plain tensors/containers loaded with ``weights_only=True``.
+
+Input pipeline: with loader workers, one training loader serves every epoch (persistent
+workers); its ``EpochSampler`` hands each item's (index, epoch seed) to the workers, so an
+item's augmentation depends on (seed, epoch, index) only. On CUDA (``data.augment_device``) the
+augmentation runs as batch tensor ops after a side-stream copy (``medtl.augment``,
+``feed.py``). Each epoch logs ``data_stall``: host time waiting in ``next(loader)`` over the
+epoch's step time (CUDA events on GPU, read once per epoch).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -27,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtl.augment import BatchAugment, epoch_augment_seed, resolve_augment_device
 from medtl.config import PipelineConfig
+from medtl.data import MedtlDataset
 from medtl.errors import ConfigError, MedtlError
 from medtl.models.model import MedtlModel
 from medtl.training.distributed import (
@@ -40,13 +49,15 @@ from medtl.training.distributed import (
     unwrap,
     wrap_ddp,
 )
+from medtl.training.feed import BatchFeed, EpochClock, stall_fraction
 from medtl.training.losses import build_loss
 from medtl.training.outputs import auroc, probabilities
 from medtl.training.protocol import Strategy
-from medtl.training.sampling import build_train_sampler, epoch_generator
+from medtl.training.sampling import EpochSampler, build_train_sampler, epoch_generator
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=nn.Module)
+PREFETCH_FACTOR = 4  # batches each loader worker keeps ready (torch's default is 2)
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -200,6 +211,10 @@ class Engine:
             self.device
         )
         self.num_workers = auto_num_workers(cfg.data.num_workers, self.dist.world_size)
+        self.batch_augment, self._train_source = self._augment_plan(train_ds)
+        self._train_dl: Any = None  # built once when workers > 0 (persistent workers)
+        self._train_sampler: EpochSampler | None = None
+        self._val_dl: Any = None
         self.history: list[dict[str, Any]] = []
         self.extra_history: list[dict[str, Any]] = []  # e.g. LP-FT probe rows
         self.best_metric: float | None = None
@@ -234,27 +249,59 @@ class Engine:
         return self.scheduler
 
     # -- data ----------------------------------------------------------------------------
-    def _loader(self, dataset: Any, sampler=None, epoch: int = 0, drop_last: bool = False):
+    def _augment_plan(self, train_ds: Any) -> tuple[BatchAugment | None, Any]:
+        """(batch augmentation or None, the dataset the training loader reads).
+
+        On the device (``data.augment_device``), the loader yields the deterministic images and
+        ``augment_batch`` applies the preset's random transforms after the copy.
+        """
+        where = resolve_augment_device(self.cfg.data.augment_device, self.device)
+        random = getattr(train_ds, "random", None)
+        if where != "cuda" or not isinstance(train_ds, MedtlDataset) or random is None:
+            return None, train_ds
+        batch_augment = BatchAugment.from_monai(random)
+        if not batch_augment.ops:  # no augmentation (transforms.augment=none)
+            return None, train_ds
+        return batch_augment, train_ds.deterministic_view()
+
+    def _make_loader(
+        self, dataset: Any, sampler=None, epoch: int = 0, drop_last: bool = False, persist=False
+    ):
         from monai.data import DataLoader
 
-        cuda = self.device.type == "cuda"
+        workers = self.num_workers
+        more: dict[str, Any] = {}
+        if workers > 0:
+            more = {"persistent_workers": persist, "prefetch_factor": PREFETCH_FACTOR}
         return DataLoader(
             dataset,
             batch_size=self.tcfg.batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=cuda,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
             drop_last=drop_last,
-            # workers seed their MONAI random transforms from this generator's base seed
+            # The loader's own generator: iterators draw their worker seeds from it, never
+            # from the global torch RNG (dropout's), so a resumed run replays the same masks.
             generator=epoch_generator(self.cfg.seed + 7919, epoch),
-            persistent_workers=False,
+            **more,
         )
 
-    def train_loader(self, epoch: int):
-        """The epoch's training loader (class-balanced sampler seeded by seed + epoch)."""
-        sampler = build_train_sampler(
-            self.train_ds,
+    def _eval_loader(self, dataset: Any, sampler=None):
+        """Inference loader; the validation set's is built once (persistent workers).
+
+        ``sampler`` (``shard_sampler``: a pure function of the dataset and ranks) is the same
+        every epoch, so the first one built stays with the loader.
+        """
+        if dataset is not self.val_ds or self.num_workers == 0:
+            return self._make_loader(dataset, sampler)
+        if self._val_dl is None:
+            self._val_dl = self._make_loader(dataset, sampler, persist=True)
+        return self._val_dl
+
+    def _epoch_sampler(self, epoch: int):
+        return build_train_sampler(
+            self._train_source,
             self.train_labels,
             self.task,
             mode=self.tcfg.sampler,
@@ -264,13 +311,51 @@ class Engine:
             epoch=epoch,
             dist=self.dist,
         )
-        # A last batch of one breaks BatchNorm in train mode; drop it when that happens.
-        drop_last = len(sampler) > 1 and len(sampler) % self.tcfg.batch_size == 1
-        if self.num_workers == 0:
-            from monai.data.utils import set_rnd
 
-            set_rnd(self.train_ds, seed=(self.cfg.seed * 7919 + epoch) % (2**31 - 1))
-        return self._loader(self.train_ds, sampler, epoch, drop_last)
+    def _drop_last(self, n: int) -> bool:
+        # A last batch of one breaks BatchNorm in train mode; drop it when that happens.
+        return n > 1 and n % self.tcfg.batch_size == 1
+
+    def train_loader(self, epoch: int):
+        """The epoch's training loader (class-balanced sampler seeded by seed + epoch).
+
+        With workers, one loader serves every epoch (persistent workers): ``set_epoch`` picks
+        the epoch's draws and its keys carry the augmentation seed, so each item's augmentation
+        is a function of (seed, epoch, index). Without workers, a fresh loader per epoch with
+        MONAI's sequential per-epoch seeding (the stream tests/golden pins).
+        """
+        if self.num_workers == 0:
+            sampler = self._epoch_sampler(epoch)
+            if self.batch_augment is None:
+                from monai.data.utils import set_rnd
+
+                set_rnd(self._train_source, seed=(self.cfg.seed * 7919 + epoch) % (2**31 - 1))
+            return self._make_loader(
+                self._train_source, sampler, epoch, self._drop_last(len(sampler))
+            )
+        if self._train_sampler is None:
+            keyed = isinstance(self._train_source, MedtlDataset)
+            self._train_sampler = EpochSampler(self._epoch_sampler, self.cfg.seed, keyed=keyed)
+            drop = self._drop_last(len(self._train_sampler))  # the same N draws every epoch
+            self._train_dl = self._make_loader(
+                self._train_source, self._train_sampler, drop_last=drop, persist=True
+            )
+        self._train_sampler.set_epoch(epoch)
+        return self._train_dl
+
+    def release_loaders(self) -> None:
+        """Let the persistent loaders' worker processes go (they end with their iterators)."""
+        self._train_dl = self._train_sampler = self._val_dl = None
+
+    def augment_batch(self, batch: dict[str, Any], aug_seed: int) -> dict[str, Any]:
+        """The GPU path: the preset's random transforms as tensor ops on the device batch,
+        keyed by (epoch seed, dataset index) like the CPU path."""
+        if self.batch_augment is None:
+            return batch
+        x = batch["image"]
+        x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(self.device, non_blocking=True)
+        index = torch.as_tensor(batch["index"]).to(self.device, non_blocking=True)
+        return {**batch, "image": self.batch_augment(x.float(), aug_seed, index)}
 
     def to_input(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["image"]
@@ -341,9 +426,19 @@ class Engine:
                 self.optimizer, lambda s: _schedule_factor(kind, s, total, warmup)
             )
 
+    def training_batches(self, epoch: int, feed: BatchFeed | None = None) -> Iterator[dict]:
+        """The epoch's batches as the training step gets them (copied, augmented on the device
+        when ``batch_augment`` is set)."""
+        feed = feed if feed is not None else BatchFeed(self.train_loader(epoch), self.device)
+        aug_seed = epoch_augment_seed(self.cfg.seed, epoch)
+        for batch in feed:
+            yield self.augment_batch(batch, aug_seed)
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the epoch's sampler; returns mean loss, images/s and the top LR."""
+        """One pass over the epoch's sampler; returns mean loss, images/s, the top LR and
+        ``data_stall`` (host time waiting for batches / step time)."""
         loader = self.train_loader(epoch)
+        feed = BatchFeed(loader, self.device)
         module = self.train_module()
         self._current = module
         self.strategy.train_mode(self.model, epoch)
@@ -351,8 +446,9 @@ class Engine:
         opt.zero_grad(set_to_none=True)
         loss_sum, n_seen, n_batches = torch.zeros((), device=self.device), 0, len(loader)
         t0 = time.perf_counter()
+        clock = EpochClock(self.device)
         with self._progress(f"epoch {epoch + 1}/{self.tcfg.epochs}", n_batches) as bar:
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(self.training_batches(epoch, feed)):
                 out = self.strategy.training_step(self, batch)
                 loss = out["loss"]
                 # Mean over the micro-batches of this accumulation group (the last may be short).
@@ -373,6 +469,7 @@ class Engine:
                 if bar is not None and ((i + 1) % 10 == 0 or i + 1 == n_batches):
                     rate = n_seen / max(time.perf_counter() - t0, 1e-9)
                     bar(i + 1, f"loss {float(loss_sum) / n_seen:.4f}  {rate:.1f} img/s")
+        step_s = clock.stop()  # the epoch's one host sync (CUDA events), as float() below
         total_loss = float(loss_sum)
         dt = time.perf_counter() - t0
         sync_buffers(self.model, self.dist)
@@ -380,6 +477,7 @@ class Engine:
             "train_loss": all_reduce_mean(total_loss / max(n_seen, 1), self.dist),
             "images_per_s": n_seen * self.dist.world_size / max(dt, 1e-9),
             "lr": float(opt.param_groups[-1]["lr"]),
+            "data_stall": all_reduce_mean(stall_fraction(feed.wait_s, step_s), self.dist),
         }
 
     @torch.no_grad()
@@ -392,7 +490,7 @@ class Engine:
     ) -> np.ndarray:
         """``fn(model, x)`` rows for every sample of ``dataset`` in order (see ``infer_rows``)."""
         return infer_rows(
-            fn, self.model, dataset, self._loader, self.to_input, self.autocast, self.dist
+            fn, self.model, dataset, self._eval_loader, self.to_input, self.autocast, self.dist
         )
 
     def validate(self) -> dict[str, float]:
@@ -451,7 +549,7 @@ class Engine:
             self.log_fn({k: v for k, v in row.items() if k != "epoch"}, epoch)
         if self.tcfg.progress and self.dist.is_main:
             # One line per epoch: the record that stays in batch-job logs (bars are TTY-only).
-            shown = ("train_loss", "val_loss", "val_auroc", "images_per_s")
+            shown = ("train_loss", "val_loss", "val_auroc", "images_per_s", "data_stall")
             parts = [f"{k} {row[k]:.4g}" for k in shown if isinstance(row.get(k), float | int)]
             flag = "  *best" if self.best_epoch == epoch else ""
             print(f"  epoch {epoch + 1}/{self.tcfg.epochs}  " + "  ".join(parts) + flag, flush=True)
@@ -473,6 +571,7 @@ class Engine:
                 "history": self.history,
                 "extra_history": self.extra_history,
                 "rng": _rng_state(),
+                "strategy": self.strategy.state_dict(),
                 "config_identity": self.cfg.identity(),
             },
             self.workdir / "last.pt",
@@ -497,6 +596,7 @@ class Engine:
         self.bad_epochs, self.stopped = int(ck["bad_epochs"]), bool(ck["stopped"])
         self.history, self.extra_history = list(ck["history"]), list(ck["extra_history"])
         _set_rng_state(ck["rng"])
+        self.strategy.load_state_dict(ck.get("strategy") or {})
         best = self.workdir / "best.pt"
         if best.is_file():
             self.best_state = torch.load(best, map_location="cpu", weights_only=True)["model"]
@@ -521,18 +621,22 @@ class Engine:
             self.on_epoch_end(epoch, row)
 
     def finish(self) -> None:
-        """Restore the best weights and compute the validation probabilities with them."""
+        """Restore the best weights, compute the validation probabilities with them, and let
+        the loader workers go."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
-        if self.val_probs_final:
-            return
-        if self.best_val_probs is not None:  # computed by validate() with these very weights
-            self.val_probs = self.best_val_probs
-        elif self.val_ds is not None:  # resumed: the best epoch's outputs are not in memory
-            self.val_probs = probabilities(self.infer_logits(self.val_ds), self.task)
-        else:
-            self.val_probs = np.zeros((0, self.num_classes), dtype=np.float32)
+        try:
+            if self.val_probs_final:
+                return
+            if self.best_val_probs is not None:  # computed by validate() with these weights
+                self.val_probs = self.best_val_probs
+            elif self.val_ds is not None:  # resumed: the best epoch's outputs are not in memory
+                self.val_probs = probabilities(self.infer_logits(self.val_ds), self.task)
+            else:
+                self.val_probs = np.zeros((0, self.num_classes), dtype=np.float32)
+        finally:
+            self.release_loaders()
 
     # -- progress ----------------------------------------------------------------------------
     def _progress(self, title: str, total: int):

@@ -9,16 +9,20 @@ fewest positives in the training set); samples with no positive label form their
 ("no finding") and get that group's weight. Rare findings are then drawn as often as common ones.
 
 Each epoch's sampler is seeded by ``seed + epoch`` so an interrupted run replays exactly.
+``EpochSampler`` lets one persistent DataLoader serve every epoch: ``set_epoch`` picks the
+epoch's draws, and its keys carry the epoch's augmentation seed to the workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import RandomSampler, WeightedRandomSampler
+from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
+from medtl.augment import epoch_augment_seed
 from medtl.errors import look_up_option
 from medtl.training.distributed import DistContext
 
@@ -121,3 +125,35 @@ def build_train_sampler(
         weights = sample_weights(labels, task, weighting, beta).tolist()
         return WeightedRandomSampler(weights, num_samples=n, replacement=True, generator=gen)
     return RandomSampler(range(n), generator=gen)
+
+
+class EpochSampler(Sampler):
+    """The sampler of whichever epoch ``set_epoch`` chose, for a loader built once.
+
+    Each pass draws exactly what ``build(epoch)`` (a fresh sampler for that epoch) draws. With
+    ``keyed`` it yields ``(index, epoch_augment_seed(seed, epoch))``: the epoch reaches
+    persistent workers inside the keys (no loader rebuild), and ``MedtlDataset`` seeds each
+    item's augmentation from that key and its index, whichever worker loads it.
+    """
+
+    def __init__(self, build: Callable[[int], Sampler], seed: int, keyed: bool = True):
+        self.build = build
+        self.seed = int(seed)
+        self.keyed = keyed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw ``epoch``'s samples from the next pass on."""
+        self.epoch = int(epoch)
+        self._len = len(self.build(self.epoch))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        # Built afresh per pass: two passes over one epoch draw the same samples.
+        inner = self.build(self.epoch)
+        if not self.keyed:
+            return (int(i) for i in inner)
+        key = epoch_augment_seed(self.seed, self.epoch)
+        return ((int(i), key) for i in inner)

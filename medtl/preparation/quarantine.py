@@ -1,0 +1,70 @@
+"""Why a file is left out of a run: the quarantine entry and the one-line reasons for it.
+
+The same reasons come from every decoding path (in-process, a pool worker, a worker that
+crashed or hung), so a parallel preparation quarantines exactly what a serial one does.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from medtl.errors import UnreadableImageError
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A file left out of the run and why (one human line)."""
+
+    path: str
+    reason: str
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The ``UnreadableImageError`` behind ``err`` (MONAI wraps transform errors), else the
+    innermost cause."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UnreadableImageError):
+            return err
+        nxt = err.__cause__ or err.__context__
+        if nxt is None:
+            break
+        err = nxt
+    return err
+
+
+def is_unreadable(err: BaseException) -> bool:
+    """True when ``err`` (a root cause) means the file is bad, not that the code is."""
+    return isinstance(err, UnreadableImageError | OSError)
+
+
+def quarantine_reason(err: BaseException) -> str:
+    """One line for the quarantine list: the reader's reason, else the error's first line."""
+    if isinstance(err, UnreadableImageError):
+        return err.reason
+    msg = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def crash_reason(exitcode: int | None) -> str:
+    """The reason for a file whose decoder process died: ``decoder crashed (signal 11,
+    SIGSEGV)``; SIGKILL adds the usual cause (the kernel's out-of-memory killer)."""
+    if exitcode is None or exitcode >= 0:
+        return f"decoder process exited with code {exitcode} while reading this file"
+    num = -exitcode
+    try:
+        name = signal.Signals(num).name
+    except ValueError:
+        name = "unknown signal"
+    hint = "; out of memory?" if num == signal.SIGKILL else ""
+    return f"decoder crashed (signal {num}, {name}{hint})"
+
+
+def timeout_reason(timeout_s: float) -> str:
+    """The reason for a file whose decoding hung past ``data.decode_timeout_s``."""
+    return (
+        f"decoding took longer than data.decode_timeout_s={timeout_s:g} s; the decoder was "
+        "stopped (raise data.decode_timeout_s for very large files)"
+    )
