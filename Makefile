@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/medtl demo --out $(DEMO_DIR)
 
 test: $(STAMP)
+	bash scripts/system_deps.sh
 	$(PY) -m pytest -q -ra --timeout=900 --durations=15
 
 lint: $(STAMP)

@@ -14,6 +14,7 @@ config drops ``data.manifest`` to its file name, ``data.cache_dir`` and the trac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ __all__ = [
     "META_FILE",
     "WEIGHTS_FILE",
     "Bundle",
+    "bundle_sha256",
     "find_bundle_dir",
     "load_bundle",
     "read_bundle_meta",
@@ -53,6 +55,7 @@ class Bundle:
     threshold: float | list[float]
     meta: dict[str, Any]
     path: Path | None = None
+    sha256: str | None = None  # bundle_sha256 of the files it was loaded from
 
     @property
     def spatial_dims(self) -> int:
@@ -100,12 +103,15 @@ def save_bundle(
     metrics: Mapping[str, Any] | None = None,
     calibration: Mapping[str, Any] | None = None,
     training_set: Mapping[str, Any] | None = None,
+    input_profile: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a trained model as a bundle folder and return the folder.
 
     ``calibration`` is the fitted calibrator (``medtl.evaluation.calibrators``, JSON form);
     ``training_set`` the salted fingerprint of the training patients and images that
-    `medtl evaluate` checks an evaluation set against (hashes only, never identifiers).
+    `medtl evaluate` checks an evaluation set against (hashes only, never identifiers);
+    ``input_profile`` the training images' header facts that `medtl predict` checks inputs
+    against (``medtl.intended_use``; modality, body part, view, photometric, sizes).
 
     Raises MedtlError when the class list or threshold does not fit the task.
     """
@@ -153,6 +159,7 @@ def save_bundle(
         "metrics": _jsonable(dict(metrics or {})),
         "calibration": _jsonable(dict(calibration)) if calibration else None,
         "training_set": _jsonable(dict(training_set)) if training_set else None,
+        "input_profile": _jsonable(dict(input_profile)) if input_profile else None,
         "config": portable_config(cfg),
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False))
@@ -173,6 +180,25 @@ def read_bundle_meta(bundle_dir: str | Path) -> dict[str, Any]:
             f"'{path}' has format {meta.get('format')!r}; this medtl reads {BUNDLE_FORMAT!r}"
         )
     return meta
+
+
+def bundle_sha256(bundle_dir: str | Path, weights_sha256: str | None = None) -> str:
+    """The model's identity in reviews, audits and predictions: sha256 over the bundle's two
+    files, ``"<file>:<sha256>\n"`` for the meta file then the weights file.
+
+    Both count: the meta file holds the threshold and calibrator, the weights the network.
+    ``weights_sha256`` skips re-hashing a weights file whose digest was just computed.
+    """
+    from medtl.models.weights import sha256_file
+
+    root = Path(bundle_dir)
+    meta = json.loads((root / META_FILE).read_text())
+    weights = meta.get("weights_file", WEIGHTS_FILE)
+    lines = [
+        f"{META_FILE}:{sha256_file(root / META_FILE)}\n",
+        f"{weights}:{weights_sha256 or sha256_file(root / weights)}\n",
+    ]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def find_bundle_dir(root: str | Path) -> Path:
@@ -206,7 +232,8 @@ def load_bundle(bundle_dir: str | Path, *, model_factory: ModelFactory | None = 
     weights_path = bundle_dir / meta.get("weights_file", WEIGHTS_FILE)
     if not weights_path.is_file():
         raise WeightsError(f"bundle '{bundle_dir}' has no {weights_path.name}")
-    if meta.get("weights_sha256") and sha256_file(weights_path) != meta["weights_sha256"]:
+    weights_sha256 = sha256_file(weights_path)
+    if meta.get("weights_sha256") and weights_sha256 != meta["weights_sha256"]:
         raise WeightsError(
             f"{weights_path} does not match the sha256 recorded in {META_FILE}: the file was "
             "altered or truncated; re-download the model"
@@ -234,4 +261,5 @@ def load_bundle(bundle_dir: str | Path, *, model_factory: ModelFactory | None = 
         threshold=meta["threshold"],
         meta=meta,
         path=bundle_dir,
+        sha256=bundle_sha256(bundle_dir, weights_sha256),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MEDTL_PSEUDONYM_SALT", "test-salt-not-secret")
+# Reviews sign with a key file: one per test session, never the user's ~/.config/medtl.
+os.environ.setdefault(
+    "MEDTL_AUDIT_KEY_FILE",
+    os.path.join(tempfile.mkdtemp(prefix="medtl-audit-test-"), "audit.key"),
+)
 
 
 @pytest.fixture(scope="session")

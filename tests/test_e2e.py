@@ -185,7 +185,7 @@ def test_register_review_audit_predict(trained, demo_data, tmp_path):
     assert "95% confidence intervals" in card
 
     entry = review(REGISTERED, "1", "approve", "Dr. Test Reviewer", "looks fine", cfg.tracking)
-    assert (entry["n"], entry["decision"], entry["by"]) == (1, "approve", "Dr. Test Reviewer")
+    assert (entry["seq"], entry["decision"], entry["by"]) == (1, "approve", "Dr. Test Reviewer")
     assert aliases() == {"candidate": "1", "approved": "1"}
     info = audit(f"{REGISTERED}@approved", cfg.tracking)
     m = info["model"]
@@ -228,6 +228,10 @@ def test_register_review_audit_predict(trained, demo_data, tmp_path):
     assert len(preds) == len(pd.read_csv(demo_data.holdout_manifest_csv))
     assert list(preds.columns[:1]) == ["image"] and "pred" in preds.columns
     pd.testing.assert_frame_equal(preds, local)
+    # The bundle records what it was trained on: the intended-use profile `predict` checks.
+    profile = bundle.meta["input_profile"]
+    assert profile["modality"] == ["CR", "DX"] and profile["body_part"] == ["CHEST"]
+    assert profile["rows"] == profile["columns"] == [96, 96]
 
 
 def test_evaluate_reproduces_predict(trained, demo_data, tmp_path):
@@ -249,6 +253,7 @@ def test_evaluate_reproduces_predict(trained, demo_data, tmp_path):
             str(demo_data.holdout_manifest_csv),
             "--out",
             str(preds_csv),
+            "--allow-unapproved",  # this test may run alone, before the version is approved
         ],
         capture_output=True,
         text=True,
@@ -274,6 +279,9 @@ def test_evaluate_reproduces_predict(trained, demo_data, tmp_path):
     )
     assert e.returncode == 0, e.stderr
     preds = pd.read_csv(preds_csv)
+    # Provenance on every row; the held-out radiographs are inside the training profile.
+    assert (preds["model_name"] == "demo-cxr").all() and (preds["model_version"] == 1).all()
+    assert preds["model_sha256"].str.len().eq(64).all() and preds["out_of_profile"].isna().all()
     evald = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     merged = preds.merge(evald, on="image", suffixes=("", "_eval"))
     assert len(merged) == len(preds)

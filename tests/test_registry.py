@@ -111,14 +111,16 @@ def test_review_moves_aliases_and_keeps_history(store):
     review("reg-model", v2, "approve", "reviewer B", "", tcfg)
     assert client.get_registered_model("reg-model").aliases["approved"] == 2
     entry = review("reg-model", v2, "reject", "reviewer C", "drift on site B", tcfg)
-    assert entry["n"] == 2 and entry["at"].endswith("+00:00")
+    # The third record of the model's chain, the second on v2.
+    assert entry["seq"] == 3 and entry["at"].endswith("+00:00")
     assert "approved" not in client.get_registered_model("reg-model").aliases
     review("reg-model", v1, "reject", "reviewer D", "", tcfg)  # approved was not v1: nothing moves
 
     info = audit("reg-model/2", tcfg)
-    assert [(r["n"], r["decision"], r["by"]) for r in info["reviews"]] == [
-        (1, "approve", "reviewer B"), (2, "reject", "reviewer C")
+    assert [(r["seq"], r["decision"], r["by"]) for r in info["reviews"]] == [
+        (2, "approve", "reviewer B"), (3, "reject", "reviewer C")
     ]  # fmt: skip
+    assert info["ok"], info["integrity"]["breaks"]
     assert info["model"]["status"] == "rejected"
     assert [v["version"] for v in info["versions"]] == ["1", "2"]
     assert audit("reg-model", tcfg)["model"]["version"] == "2"  # no approved alias: newest

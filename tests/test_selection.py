@@ -170,6 +170,7 @@ def test_recalibration_lowers_ece_and_keeps_brier_on_the_demo(demo_data, tmp_pat
             str(out),
             "--by",
             "study_id",
+            "--allow-unapproved",  # the run's own bundle folder: never reviewed
         ],
         capture_output=True,
         text=True,

@@ -202,6 +202,7 @@ def test_register_review_audit_predict(tracked, tmp_path):
         )
 
     info = audit("tiny-cxr", tcfg)
+    assert info["ok"], info["integrity"]["breaks"]  # chain, anchor, alias, bytes verified
     assert info["model"]["version"] == "1" and info["model"]["aliases"] == ["approved", "candidate"]
     assert info["model"]["status"] == "approved" and info["model"]["threshold"] == pytest.approx(
         0.42

@@ -139,10 +139,11 @@ def save_model(
     lineage: Mapping[str, str],
     metrics: Mapping[str, Any],
 ) -> Path:
-    """The final model as a bundle under ``run_dir/model``: its calibrator, threshold and
-    pooled headline metrics."""
+    """The final model as a bundle under ``run_dir/model``: its calibrator, threshold,
+    pooled headline metrics and the training images' input profile (intended-use guard)."""
     from medtl.bundle import save_bundle
     from medtl.evaluation.leakage import optional_salt, training_fingerprint
+    from medtl.intended_use import training_profile
 
     bundle_dir = run_dir / "model"
     save_bundle(
@@ -157,6 +158,8 @@ def save_model(
         calibration=deployed.calibration.to_dict(),
         # Salted hashes of the training patients and pixels: `medtl evaluate` refuses overlap.
         training_set=training_fingerprint(data.train_pool, optional_salt()),
+        # Modality, body part, view, photometric, sizes: `medtl predict` flags inputs outside.
+        input_profile=training_profile(r["image"] for r in data.train_pool),
     )
     return bundle_dir
 

@@ -1,23 +1,44 @@
 """Lineage tags: which data, code, weights and config produced a model (counts only, no PHI).
 
-The same tags go on the MLflow parent run, the bundle's ``medtl_model.json`` and the
-registered model version, so ``medtl audit`` can answer "what made this model?" from any
-of them. Data is described by the manifest's content hash and counts; never by identifiers
+The same tags go on the MLflow parent run, every fold run, the bundle's ``medtl_model.json``
+and the registered model version, so ``medtl audit`` can answer "what made this model?" from
+any of them. Data is described by the manifest's content hash and counts; never by identifiers
 or image paths.
+
+Code is described twice, because they are different things:
+
+- medtl's own code (``medtl.version``, ``medtl.git_commit``, ``medtl.git_dirty``,
+  ``medtl.code.source``): from ``medtl/_build_info.py``, written when the package was built
+  (``build_hooks.py``), else from git at the medtl package's own folder (an editable install or
+  a source checkout), never from the process's working directory.
+- the user's repository (``medtl.user_repo.commit``, ``medtl.user_repo.dirty``): the git work
+  tree of the working directory when the job runs from one (their pipelines, scripts), else
+  ``none``. Only the commit and dirty flag are kept, never the folder or the remote URL.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import medtl
 from medtl.config import PipelineConfig
 
-__all__ = ["LINEAGE_KEYS", "collect_lineage", "data_counts", "git_state"]
+__all__ = [
+    "CODE_SOURCES",
+    "LINEAGE_KEYS",
+    "CodeState",
+    "collect_lineage",
+    "data_counts",
+    "git_state",
+    "medtl_code_state",
+    "user_repo_state",
+]
 
 LINEAGE_KEYS = (
     "medtl.manifest_hash",
@@ -27,6 +48,9 @@ LINEAGE_KEYS = (
     "medtl.git_commit",
     "medtl.git_dirty",
     "medtl.version",
+    "medtl.code.source",
+    "medtl.user_repo.commit",
+    "medtl.user_repo.dirty",
     "medtl.backbone",
     "medtl.weights_source",
     "medtl.weights_sha256",
@@ -35,31 +59,94 @@ LINEAGE_KEYS = (
     "medtl.config_id",
 )
 
+#: Tags of a domain-adapted model (method, target manifest hash and counts, parent model), set
+#: only when ``domain_adaptation`` or ``medtl adapt`` was used (``medtl.jobs.target``).
+ADAPTATION_PREFIX = "medtl.adaptation."
+
+
+def is_lineage_key(key: str) -> bool:
+    """Whether an MLflow tag is one of medtl's lineage tags (fixed keys, or adaptation ones)."""
+    return key in LINEAGE_KEYS or key.startswith(ADAPTATION_PREFIX)
+
+
+#: ``medtl.code.source`` values: where medtl's commit was read.
+CODE_SOURCES = ("build", "git", "unknown")
+_BUILD_INFO_MODULE = "medtl._build_info"
+
 # Summary keys written by different manifest validators; the first one present wins.
 _IMAGE_KEYS = ("n_images", "images", "n_rows", "rows", "n")
 _PATIENT_KEYS = ("n_patients", "patients")
 _CLASS_KEYS = ("class_counts", "label_counts", "classes", "labels")
 
 
-def git_state(cwd: str | Path | None = None) -> tuple[str, str]:
-    """``(commit, dirty)`` of the git work tree at ``cwd``; ``("unknown", "unknown")`` if none."""
+@dataclass(frozen=True)
+class CodeState:
+    """medtl's own version and commit, and where the commit was read (``CODE_SOURCES``)."""
+
+    version: str
+    commit: str
+    dirty: str
+    source: str
+
+
+def _git(args: list[str], cwd: str | Path | None, timeout: float = 10) -> str | None:
+    """stdout of ``git ARGS`` at ``cwd``, or None when git is missing or the command fails."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode != 0:
-            return "unknown", "unknown"
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=30,
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
         )
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(cwd: str | Path | None = None, pathspec: str | None = None) -> tuple[str, str]:
+    """``(commit, dirty)`` of the git work tree at ``cwd``; ``("unknown", "unknown")`` if none.
+
+    ``pathspec`` limits the dirty check to tracked files under it (``"."``: ``cwd`` itself).
+    """
+    commit = _git(["rev-parse", "HEAD"], cwd)
+    if not commit:
         return "unknown", "unknown"
-    dirty = "unknown" if status.returncode != 0 else str(bool(status.stdout.strip())).lower()
-    return commit.stdout.strip(), dirty
+    status = ["status", "--porcelain", "--untracked-files=no"]
+    changes = _git(status + (["--", pathspec] if pathspec else []), cwd, timeout=30)
+    dirty = "unknown" if changes is None else str(bool(changes)).lower()
+    return commit, dirty
+
+
+def _build_info() -> dict[str, Any] | None:
+    """The values ``build_hooks.py`` wrote into ``medtl/_build_info.py``, if it exists."""
+    try:
+        mod = importlib.import_module(_BUILD_INFO_MODULE)
+    except ImportError:
+        return None
+    return {k: getattr(mod, k, None) for k in ("VERSION", "COMMIT", "DIRTY")}
+
+
+def medtl_code_state(package_dir: str | Path | None = None) -> CodeState:
+    """Which medtl code is running: build-time record first, else git at the package folder.
+
+    The git fallback only counts when ``package_dir/__init__.py`` is tracked by that
+    repository: a medtl installed into a virtualenv inside the user's repository must not
+    report the user's commit as medtl's.
+    """
+    info = _build_info() if package_dir is None else None
+    if info and info.get("COMMIT") and info["COMMIT"] != "unknown":
+        version = str(info.get("VERSION") or medtl.__version__)
+        return CodeState(version, str(info["COMMIT"]), str(info.get("DIRTY") or "unknown"), "build")
+    pkg = Path(package_dir) if package_dir is not None else Path(medtl.__file__).resolve().parent
+    if _git(["ls-files", "--error-unmatch", "__init__.py"], pkg) is not None:
+        commit, dirty = git_state(pkg, pathspec=".")
+        if commit != "unknown":
+            return CodeState(medtl.__version__, commit, dirty, "git")
+    return CodeState(medtl.__version__, "unknown", "unknown", "unknown")
+
+
+def user_repo_state(cwd: str | Path | None = None) -> tuple[str, str]:
+    """``(commit, dirty)`` of the git repository the job runs from; ``("none", "none")`` if the
+    working directory is in no repository."""
+    commit, dirty = git_state(cwd)
+    return ("none", "none") if commit == "unknown" else (commit, dirty)
 
 
 def _first(summary: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
@@ -106,18 +193,26 @@ def collect_lineage(
     weights_info: Mapping[str, Any] | None,
     cwd: str | Path | None = None,
 ) -> dict[str, str]:
-    """All lineage tags as strings (MLflow tag values), keys listed in ``LINEAGE_KEYS``."""
+    """All lineage tags as strings (MLflow tag values), keys listed in ``LINEAGE_KEYS``.
+
+    ``cwd`` is where the user's repository is looked for (default: the working directory);
+    medtl's own commit never depends on it (see the module doc).
+    """
     counts = data_counts(data_summary)
     weights_info = weights_info or {}
-    commit, dirty = git_state(cwd)
+    code = medtl_code_state()
+    repo_commit, repo_dirty = user_repo_state(cwd)
     return {
         "medtl.manifest_hash": str(manifest_hash),
         "medtl.data.n_images": str(counts.get("n_images", "unknown")),
         "medtl.data.n_patients": str(counts.get("n_patients", "unknown")),
         "medtl.data.class_counts": json.dumps(counts.get("class_counts", {}), sort_keys=True),
-        "medtl.git_commit": commit,
-        "medtl.git_dirty": dirty,
-        "medtl.version": medtl.__version__,
+        "medtl.git_commit": code.commit,
+        "medtl.git_dirty": code.dirty,
+        "medtl.version": code.version,
+        "medtl.code.source": code.source,
+        "medtl.user_repo.commit": repo_commit,
+        "medtl.user_repo.dirty": repo_dirty,
         "medtl.backbone": cfg.model.backbone,
         "medtl.weights_source": str(weights_info.get("source") or "none"),
         "medtl.weights_sha256": str(weights_info.get("sha256") or "none"),

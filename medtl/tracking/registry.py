@@ -3,10 +3,13 @@
 - ``register`` creates a model version from the parent run's logged model, tags it with the
   pooled metrics (value and CI) and the lineage tags, points alias ``candidate`` at it and
   attaches a model card (Markdown + HTML) to the run.
-- ``review`` appends a decision to the version's history (``medtl.review.<n>.decision/by/
-  note/at``, UTC) and moves alias ``approved``. Review notes are free text: write no patient
-  identifiers in them.
-- ``audit`` gathers data, code, weights, metrics, review history and run ids for a version.
+  It records the model's identity, ``medtl.model_sha256`` (:func:`medtl.bundle.bundle_sha256`
+  of the registered bundle).
+- ``review`` appends a signed record to the model's review chain and moves alias
+  ``approved``; ``approval_status`` is the predict gate (both in
+  :mod:`medtl.tracking.review_trail`, re-exported here).
+- ``audit`` gathers data, code, weights, metrics, review records and run ids for a version,
+  and checks the chain, its anchor, the alias and the model bytes (``integrity``).
 """
 
 from __future__ import annotations
@@ -19,16 +22,40 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from medtl.config import TrackingConfig
-from medtl.errors import ConfigError, MedtlError, look_up_option
-from medtl.tracking.lineage import LINEAGE_KEYS
-from medtl.tracking.model_card import build_model_card, format_metric, group_metrics
+from medtl.config import CardConfig, TrackingConfig
+from medtl.errors import ConfigError, MedtlError
+from medtl.tracking.lineage import is_lineage_key
+from medtl.tracking.model_card import (
+    build_model_card,
+    format_metric,
+    group_metrics,
+    summary_metrics,
+)
+from medtl.tracking.review_chain import last_records, status_of
+from medtl.tracking.review_trail import (
+    ALIAS_APPROVED,
+    DECISIONS,
+    MODEL_SHA_TAG,
+    Approval,
+    approval_status,
+    integrity_section,
+    model_chain,
+    model_id_of,
+    review,
+)
+from medtl.tracking.review_trail import get_version as _get_version
+from medtl.tracking.review_trail import logged_bundle_sha256 as _logged_bundle_sha256
+from medtl.tracking.review_trail import redact_uri as _redact_uri
 from medtl.tracking.store import import_mlflow, make_client, resolve_tracking_uri
 
 __all__ = [
     "ALIAS_APPROVED",
     "ALIAS_CANDIDATE",
+    "AUDIT_SCHEMA_VERSION",
     "DECISIONS",
+    "MODEL_SHA_TAG",
+    "Approval",
+    "approval_status",
     "audit",
     "parse_model_spec",
     "register",
@@ -38,14 +65,8 @@ __all__ = [
 ]
 
 ALIAS_CANDIDATE = "candidate"
-ALIAS_APPROVED = "approved"
-DECISIONS = ("approve", "reject")
-_REVIEW_TAG = re.compile(r"^medtl\.review\.(\d+)\.(decision|by|note|at)$")
-
-
-def _redact_uri(uri: str) -> str:
-    """A tracking URI without ``user:password@`` credentials."""
-    return re.sub(r"://[^/@]+@", "://", uri)
+_REVIEW_TAG = re.compile(r"^medtl\.review\.(\d+)\.(decision|by|note|at)$")  # before the chain
+AUDIT_SCHEMA_VERSION = "medtl-audit/1"
 
 
 def _run_ref(run_id_or_dir: str | Path, tcfg: TrackingConfig | None) -> tuple[str, str]:
@@ -80,6 +101,7 @@ def _download_json(mlflow: Any, uri: str, artifact_uri: str) -> dict[str, Any] |
 
 
 def _card_info(client: Any, mlflow: Any, uri: str, run: Any, meta: Mapping[str, Any]) -> dict:
+    """What the model card shows, from the run's tags, run_info.json and metrics.json."""
     run_info = _download_json(mlflow, uri, f"runs:/{run.info.run_id}/run_info.json") or {}
     metrics_json = _download_json(mlflow, uri, f"runs:/{run.info.run_id}/metrics.json") or {}
     tags = run.data.tags
@@ -89,6 +111,9 @@ def _card_info(client: Any, mlflow: Any, uri: str, run: Any, meta: Mapping[str, 
         "patients": tags.get("medtl.data.n_patients"),
         "class_counts": json.loads(tags.get("medtl.data.class_counts") or "{}"),
     }
+    pooled = summary_metrics((metrics_json.get("pooled") or {}).get("summary") or {})
+    before = summary_metrics((metrics_json.get("recalibration") or {}).get("before") or {})
+    listed = run_info.get("n_images_listed")
     return {
         "description": cfg.get("description") or None,
         "task": meta.get("task"),
@@ -96,13 +121,29 @@ def _card_info(client: Any, mlflow: Any, uri: str, run: Any, meta: Mapping[str, 
         "backbone": meta.get("backbone"),
         "strategy": cfg.get("strategy", {}).get("name"),
         "created": meta.get("created"),
+        "card": cfg.get("card") or {},
         "data": data,
+        "participants": run_info.get("data_summary") or {},
+        "quarantine": {
+            "n": len(run_info.get("quarantine") or []),
+            "listed": listed,
+            "by": run_info.get("quarantine_breakdown") or {},
+        }
+        if listed is not None
+        else None,
         "metrics": group_metrics(run.data.metrics),
+        "performance": pooled,
+        "calibration_before": before,
         "ci": cfg.get("evaluation", {}).get("ci", 0.95),
+        "n_boot": metrics_json.get("n_boot"),
         "subgroups": metrics_json.get("subgroups"),
+        "subgroups_missing": metrics_json.get("subgroups_missing"),
+        "target": metrics_json.get("target"),
         "threshold": meta.get("threshold"),
         "threshold_method": run_info.get("threshold_method") or meta.get("threshold_method"),
-        "lineage": {k: v for k, v in tags.items() if k.startswith("medtl.") and k in LINEAGE_KEYS},
+        "threshold_source": run_info.get("threshold_source"),
+        "selection": run_info.get("selection"),
+        "lineage": {k: v for k, v in tags.items() if is_lineage_key(k)},
     }
 
 
@@ -119,13 +160,14 @@ def register(
     name: str,
     tcfg: TrackingConfig | None = None,
     *,
-    intended_use: str | None = None,
-    limitations: list[str] | None = None,
+    card: CardConfig | None = None,
 ) -> dict[str, Any]:
     """Register the run's logged model as a new version of ``name`` (alias ``candidate``).
 
-    Returns ``{"name", "version", "run_id", "model_id", "model_uri", "alias", "model_card"}``.
-    Raises MedtlError when the run has no logged model.
+    The model card takes the pipeline's ``card:`` section, with the items set in ``card``
+    (``medtl register --card``) in their place. Returns ``{"name", "version", "run_id",
+    "model_id", "model_uri", "alias", "model_card"}``. Raises MedtlError when the run has no
+    logged model.
     """
     from mlflow.exceptions import MlflowException
 
@@ -153,6 +195,7 @@ def register(
     tags["medtl.classes"] = json.dumps(meta.get("classes"))
     tags["medtl.task"] = str(meta.get("task"))
     tags["medtl.status"] = "pending_review"
+    tags[MODEL_SHA_TAG] = _logged_bundle_sha256(client, mlflow, uri, model_id)
 
     try:
         client.create_registered_model(name)
@@ -177,7 +220,9 @@ def register(
     )
     client.set_registered_model_alias(name, ALIAS_CANDIDATE, mv.version)
 
-    info.update(name=name, version=mv.version, intended_use=intended_use, limitations=limitations)
+    if card is not None:  # the file's items win; the pipeline's stay for the rest
+        info["card"] = {**info["card"], **card.model_dump(exclude_unset=True)}
+    info.update(name=name, version=mv.version)
     md, html_text = build_model_card(info)
     stem = f"model_card/{_safe(name)}-v{mv.version}"
     client.log_text(run_id, md, f"{stem}.md")
@@ -210,64 +255,6 @@ def review_history(tags: Mapping[str, str]) -> list[dict[str, Any]]:
     return [entries[n] for n in sorted(entries)]
 
 
-def _get_version(client: Any, name: str, version: str | int) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException:
-        try:
-            versions = sorted(
-                int(v.version) for v in client.search_model_versions(f"name = '{name}'")
-            )
-        except MlflowException:
-            versions = []
-        if not versions:
-            raise MedtlError(f"no registered model '{name}' in this MLflow store") from None
-        raise MedtlError(
-            f"model '{name}' has no version '{version}'. Valid versions: "
-            f"{', '.join(map(str, versions))}"
-        ) from None
-
-
-def review(
-    name: str,
-    version: str | int,
-    decision: str,
-    by: str,
-    note: str = "",
-    tcfg: TrackingConfig | None = None,
-) -> dict[str, Any]:
-    """Record a review decision on a version; approve moves alias ``approved`` to it.
-
-    Reject removes ``approved`` when it pointed at this version. Returns the new entry.
-    """
-    decision = look_up_option(decision, DECISIONS, "review decision")
-    if not by.strip():
-        raise ConfigError("a review needs a reviewer: --by 'name or role'")
-    client = make_client(resolve_tracking_uri(tcfg))
-    mv = _get_version(client, name, version)
-    n = len(review_history(mv.tags)) + 1
-    entry = {
-        "n": n,
-        "decision": decision,
-        "by": by,
-        "note": note,
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    for key in ("decision", "by", "note", "at"):
-        client.set_model_version_tag(name, mv.version, f"medtl.review.{n}.{key}", entry[key])
-    client.set_model_version_tag(
-        name, mv.version, "medtl.status", "approved" if decision == "approve" else "rejected"
-    )
-    aliases = client.get_registered_model(name).aliases
-    if decision == "approve":
-        client.set_registered_model_alias(name, ALIAS_APPROVED, mv.version)
-    elif str(aliases.get(ALIAS_APPROVED)) == str(mv.version):
-        client.delete_registered_model_alias(name, ALIAS_APPROVED)
-    return entry
-
-
 def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
     """``NAME`` / ``NAME@ALIAS`` / ``NAME/VERSION`` (optionally ``models:/``) -> parts."""
     s = spec.removeprefix("models:/")
@@ -281,7 +268,9 @@ def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
 
 
 def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
-    """Lineage of a model version: data, code, weights, metrics with CIs, reviews, run ids.
+    """Lineage of a model version: data, code, weights, metrics with CIs, reviews, run ids,
+    and ``integrity``: the review chain, its anchor, alias ``approved`` and the model bytes
+    checked. ``ok`` is False on any break. Schema: ``docs/audit_schema.md``.
 
     ``NAME`` alone audits the ``approved`` version, else the newest one.
     """
@@ -291,30 +280,33 @@ def audit(spec: str, tcfg: TrackingConfig | None = None) -> dict[str, Any]:
     tags = dict(mv.tags)
     run = _parent_run_facts(client, mv.run_id or tags.get("medtl.run_id"))
     lin = {
-        **{k: v for k, v in run["tags"].items() if k in LINEAGE_KEYS},
-        **{k: v for k, v in tags.items() if k in LINEAGE_KEYS},
+        **{k: v for k, v in run["tags"].items() if is_lineage_key(k)},
+        **{k: v for k, v in tags.items() if is_lineage_key(k)},
     }
+    chain = model_chain(client, uri, rm.name)
+    last = last_records(chain.check.records)
+    integrity = integrity_section(client, uri, rm, mv, all_versions, chain)
     return {
-        "model": _model_section(rm, mv, tags),
+        "schema_version": AUDIT_SCHEMA_VERSION,
+        "ok": integrity["ok"],
+        "model": {**_model_section(rm, mv, tags), "status": status_of(last, mv.version)},
+        "integrity": integrity,
         **_lineage_sections(lin),
         "metrics": group_metrics(run["metrics"]),
-        "reviews": review_history(tags),
+        "reviews": [r.to_dict() for r in chain.check.records if r.version == str(mv.version)],
+        "legacy_reviews": review_history(tags),
         "runs": {
             "tracking_uri": _redact_uri(uri),
             "experiment_id": run["experiment_id"],
             "parent_run_id": run["run_id"],
             "fold_run_ids": run["fold_ids"],
-            "model_id": getattr(mv, "model_id", None)
-            or (
-                mv.source.removeprefix("models:/")
-                if str(mv.source).startswith("models:/")
-                else None
-            ),
+            "model_id": model_id_of(mv),
         },
         "versions": [
             {
                 "version": str(v.version),
-                "status": v.tags.get("medtl.status", "unknown"),
+                "status": status_of(last, v.version),
+                "status_tag": v.tags.get("medtl.status"),
                 "aliases": _aliases_of(rm, v.version),
             }
             for v in all_versions
@@ -422,15 +414,62 @@ def _lineage_sections(lin: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             "source": lin.get("medtl.weights_source"),
             "sha256": lin.get("medtl.weights_sha256"),
         },
+        # all null for a model trained without domain adaptation
+        "adaptation": {
+            key: lin.get(f"medtl.adaptation.{key}")
+            for key in (
+                "method",
+                "target_manifest_sha256",
+                "target_images",
+                "target_patients",
+                "parent_model",
+                "parent_version",
+            )
+        },
     }
 
 
-def render_audit(info: Mapping[str, Any]) -> str:
-    """Readable Markdown of an :func:`audit` result (the `medtl audit` output)."""
-    m = info["model"]
-    lines = [
-        f"# Audit: {m['name']} version {m['version']}",
+def _break_line(b: Mapping[str, Any]) -> str:
+    where = f"record #{b['record']}" if b.get("record") is not None else "chain"
+    return f"{where}: {b['kind']}: {b['detail']}"
+
+
+def _integrity_lines(integrity: Mapping[str, Any]) -> list[str]:
+    """The integrity section: every break when it failed; what was verified when not."""
+    breaks = integrity["breaks"]
+    if breaks:
+        return [
+            f"## Integrity: FAILED, {len(breaks)} problem(s)",
+            f"- first bad: {_break_line(integrity['first_break'])}",
+            *[f"- {_break_line(b)}" for b in breaks[1:]],
+            "",
+        ]
+    chain, key, sha = integrity["chain"], integrity["key"], integrity["model_sha256"]
+    recorded = (
+        f"{chain['records']} record(s), head {chain['head'][:16]}..., signed with key "
+        f"{key['key_id']} ({key['source']}) and matching the anchor in "
+        f"{integrity['anchor']['path']}"
+        if chain["records"]
+        else "no review records yet"
+    )
+    return [
+        "## Integrity: verified",
+        f"- review chain: {recorded}",
+        f"- model bytes: sha256 {sha['computed']}, as registered"
+        + (" and as reviewed" if sha["reviewed"] else ""),
         "",
+    ]
+
+
+def render_audit(info: Mapping[str, Any]) -> str:
+    """Readable Markdown of an :func:`audit` result (the `medtl audit` output); a failed
+    audit says so in its title and lists every break before anything else."""
+    m = info["model"]
+    failed = not info["ok"]
+    lines = [
+        f"# Audit: {m['name']} version {m['version']}" + (" (FAILED)" if failed else ""),
+        "",
+        *_integrity_lines(info["integrity"]),
         f"- status: {m['status']}; aliases: {', '.join(m['aliases']) or 'none'}",
         f"- created: {m['created']}; task: {m['task']}; classes: {', '.join(m['classes'])}",
         f"- operating threshold: {json.dumps(m['threshold'])}",
@@ -450,10 +489,11 @@ def render_audit(info: Mapping[str, Any]) -> str:
     lines += ["", "## Weights"] + [f"- {k}: {v}" for k, v in info["weights"].items()]
     lines += ["", "## Metrics (pooled out-of-fold, value and CI)"]
     lines += [f"- {k}: {format_metric(v)}" for k, v in info["metrics"].items()] or ["- none"]
-    lines += ["", "## Review history"]
+    lines += ["", "## Review history" + (" (untrusted: the integrity check failed)" * failed)]
     lines += [
-        f"- #{r['n']} {r.get('at', '?')}: {r.get('decision', '?')} by {r.get('by', '?')}"
+        f"- #{r['seq']} {r['at']}: {r['decision']} by {r['by']}"
         + (f" ({r['note']})" if r.get("note") else "")
+        + f"; os user {r['os_user']} on {r['host']}; sha256 {r['model_sha256'][:16]}..."
         for r in info["reviews"]
     ] or ["- not reviewed yet"]
     r = info["runs"]

@@ -6,7 +6,8 @@ fold runs may log from several threads or processes at once against an ``mlflow 
 What is logged (PHI rule, see also ``medtl.bundle``):
 
 - params: the resolved config, flattened; ``data.manifest`` as its file name only.
-- tags: lineage (manifest hash, counts, git, weights sha256, config id); no identifiers.
+- tags: lineage (manifest hash, counts, medtl's commit and the user's repository commit,
+  weights sha256, config id) on the parent run and on every fold run; no identifiers.
 - the dataset input: the manifest hash as digest and a profile of counts, never rows.
 - artifacts: report, plots, metrics, OOF predictions, fold assignments, quarantine list,
   resolved config, ``environment.json``. Text artifacts are copied with absolute folder
@@ -14,7 +15,9 @@ What is logged (PHI rule, see also ``medtl.bundle``):
   image paths appear only relative to the manifest. The manifest's own ``image`` paths and
   ``patient_id`` values must therefore be pseudonymous (``medtl manifest scan`` writes them
   that way); a manifest with real MRNs or names in file names must be de-identified first.
-- the model: a pyfunc "from code" wrapping the bundle (safetensors + JSON); no pickle.
+- the model: a pyfunc "from code" wrapping the bundle (safetensors + JSON); no pickle. It
+  carries medtl's code and pinned requirements, so it loads where medtl is not installed
+  (``medtl.tracking.model_package``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from typing import Any
 import medtl
 from medtl.config import PipelineConfig, TrackingConfig
 from medtl.errors import MedtlError
-from medtl.tracking.lineage import data_counts
+from medtl.tracking.lineage import data_counts, medtl_code_state
 from medtl.tracking.store import (
     ensure_experiment,
     import_mlflow,
@@ -77,13 +79,6 @@ _ARTIFACT_SUFFIXES = (*_TEXT_SUFFIXES, ".png", ".svg", ".pdf")
 # gallery: patient images (pixels may carry burned-in names) stay in the run folder.
 _SKIP_DIRS = ("model", "final", "checkpoints", ".cache", "gallery")
 
-_MODEL_CODE = '''"""medtl pyfunc entry point (MLflow "models from code": nothing is pickled)."""
-import mlflow
-from medtl.tracking.pyfunc import MedtlPyfunc
-
-mlflow.models.set_model(MedtlPyfunc())
-'''
-
 
 def metric_key(name: str) -> str:
     """A metric name MLflow accepts (alphanumerics, ``_ - . /`` and spaces)."""
@@ -112,10 +107,12 @@ def environment_info() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     versions["medtl"] = versions["medtl"] or medtl.__version__
+    code = medtl_code_state()
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "packages": versions,
+        "medtl_code": {"commit": code.commit, "dirty": code.dirty, "source": code.source},
     }
     try:
         import torch
@@ -275,6 +272,7 @@ class TrainTracker:
             self.experiment_id,
             run_name=f"{self.run_name}-fold{k}",
             tags={
+                **self.lineage,  # every fold run names its data, code and weights too
                 "mlflow.parentRunId": parent,
                 "medtl.run_kind": "fold",
                 "medtl.fold": str(k),
@@ -352,9 +350,8 @@ class TrainTracker:
         """
         run_id = self._require_started()
         mlflow = import_mlflow()
-        from mlflow.models import Model
-
         from medtl.bundle import read_bundle_meta
+        from medtl.tracking.model_package import log_pyfunc
 
         meta = read_bundle_meta(bundle_dir)
         if input_example is not None and "image" not in getattr(input_example, "columns", []):
@@ -363,45 +360,7 @@ class TrainTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
-        with tempfile.TemporaryDirectory(prefix="medtl-pyfunc-") as tmp:
-            code = Path(tmp) / "medtl_pyfunc.py"
-            code.write_text(_MODEL_CODE)
-            # MLmodel records the artifact's source path: stage the bundle under a neutral name.
-            staged = shutil.copytree(bundle_dir, Path(tmp) / "bundle")
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*input example was not provided")
-                info = Model.log(
-                    artifact_path=None,
-                    name="model",
-                    flavor=mlflow.pyfunc,
-                    run_id=run_id,
-                    python_model=str(code),
-                    artifacts={"bundle": str(staged)},
-                    signature=model_signature(meta["classes"]),
-                    pip_requirements=_requirements(),
-                    tags=dict(self.lineage),
-                )
+        info = log_pyfunc(run_id, bundle_dir, meta["classes"], self.lineage)
         self._client.set_tag(run_id, "medtl.model_id", info.model_id)
         self._client.set_tag(run_id, "medtl.model_uri", info.model_uri)
         return info.model_uri
-
-
-def model_signature(classes: list[str]) -> Any:
-    """pyfunc signature: ``image`` (path) in; ``prob_<class>`` doubles, ``pred``, ``error`` out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
-
-    outputs: list[ColSpec | TensorSpec] = [ColSpec("double", f"prob_{c}") for c in classes]
-    outputs += [ColSpec("string", "image"), ColSpec("string", "pred"), ColSpec("string", "error")]
-    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=Schema(outputs))
-
-
-def _requirements() -> list[str]:
-    """Pinned pip requirements from this environment (skips mlflow's slow inference step)."""
-    reqs = []
-    for pkg in ("torch", "monai", "timm", "pydicom", "nibabel", "safetensors", "mlflow", "medtl"):
-        try:
-            reqs.append(f"{pkg}=={importlib.metadata.version(pkg)}")
-        except importlib.metadata.PackageNotFoundError:
-            reqs.append(pkg)
-    return reqs

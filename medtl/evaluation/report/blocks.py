@@ -86,7 +86,14 @@ table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
 th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left}th{background:#f0f0f0}
 tr:nth-child(even) td{background:#fafafa}img{max-width:100%;border:1px solid #ddd;margin:.5em 0}
 p.note{color:#555}
+.tbl{overflow-x:auto;max-width:100%}
+@media print,(max-width:800px){body{margin:1em auto;padding:0 .5em}table{font-size:.78em}
+th,td{padding:.2em .3em}}
+@media print{.tbl{overflow:visible}img{break-inside:avoid}h2,h3{break-after:avoid}
+tr{break-inside:avoid}}
 """
+# Wide tables scroll in their own box on screen; at print width (and narrow windows) the
+# compact rules above keep every column on the page (tests/test_browser_render.py checks it).
 
 
 def _html_block(block: Block, out_dir: Path) -> str:
@@ -103,7 +110,10 @@ def _html_block(block: Block, out_dir: Path) -> str:
             body = "".join(
                 "<tr>" + "".join(f"<td>{esc(str(x))}</td>" for x in r) + "</tr>" for r in rows
             )
-            return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            return (
+                f'<div class="tbl"><table><thead><tr>{head}</tr></thead>'
+                f"<tbody>{body}</tbody></table></div>"
+            )
         case Image(path, alt):
             data = base64.b64encode((out_dir / path).read_bytes()).decode("ascii")
             return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
@@ -113,6 +123,7 @@ def render_html(blocks: Sequence[Block], out_dir: Path, title: str) -> str:
     """The blocks as one HTML file: inline CSS, images from ``out_dir`` embedded, no links."""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(_html_block(b, out_dir) for b in blocks)
         + "\n</body></html>\n"
