@@ -47,6 +47,23 @@ def _friendly(fn):
     return wrapper
 
 
+def _inference_options(fn):
+    """--device and --batch-size, shared by predict and evaluate."""
+    fn = click.option(
+        "--batch-size",
+        default=32,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Images per forward pass.",
+    )(fn)
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (a GPU when visible), cpu, cuda or cuda:N; autocast on CUDA.",
+    )(fn)
+
+
 _MODEL_OPTION = click.option(
     "--model",
     "model_ref",
@@ -202,6 +219,17 @@ def demo(
 @click.option("--set", "overrides", multiple=True, help="Override a config key: key=value.")
 @click.option("--out", type=click.Path(), help="Run folder (default: runs/<name>-<time>).")
 @click.option("--register", "register_name", help="Register the model under this name.")
+@click.option(
+    "--folds",
+    "fold_list",
+    help="A fold job: train only these folds (e.g. 0,2) into --out; no refit or report.",
+)
+@click.option(
+    "--collect",
+    "collect_folds",
+    is_flag=True,
+    help="Pool the fold jobs' results in --out, then refit, report and register.",
+)
 @_friendly
 def train(
     pipeline_path: str,
@@ -209,18 +237,92 @@ def train(
     overrides: tuple[str, ...],
     out: str | None,
     register_name: str | None,
+    fold_list: str | None,
+    collect_folds: bool,
 ) -> None:
     """Cross-validated training with per-fold clinical reports and MLflow tracking."""
     from medtl.config import load_config
     from medtl.jobs import print_train_summary, run_train
 
+    folds = _fold_numbers(fold_list) if fold_list is not None else None
     cfg = load_config(pipeline_path, list(overrides))
+    if cfg.strategy.name == "few_shot":  # evaluated by episodes, not k-fold CV: `medtl fewshot`
+        from medtl.fewshot.job import refuse_cross_validation
+
+        refuse_cross_validation(cfg, pipeline_path)
     con = _console()
     outcome = run_train(
-        cfg, manifest_path=manifest_path, out_dir=out, register_name=register_name, console=con
+        cfg,
+        manifest_path=manifest_path,
+        out_dir=out,
+        register_name=register_name,
+        console=con,
+        folds=folds,
+        collect_folds=collect_folds,
     )
     if outcome.report_html is not None:
         print_train_summary(outcome, con)
+    elif folds is not None:
+        done = ",".join(map(str, outcome.folds_run))
+        con.print(f"folds {done} written to {outcome.run_dir}/folds; when every fold is done run")
+        con.print(f"  medtl train {pipeline_path} ... --collect --out {outcome.run_dir}")
+
+
+def _fold_numbers(text: str) -> list[int]:
+    """``--folds 0,2`` as fold numbers (UsageError naming the flag otherwise)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.UsageError(
+            f"--folds takes fold numbers separated by commas, e.g. --folds 0,2; got '{text}'"
+        ) from None
+
+
+@main.command()
+@_MODEL_OPTION
+@click.option(
+    "--target",
+    "target_manifest",
+    required=True,
+    type=click.Path(exists=True),
+    help="Manifest of the new site's images (labels optional: used only to score).",
+)
+@click.option("--method", type=click.Choice(["tent", "adabn"]), default="tent", show_default=True)
+@click.option("--out", default=None, type=click.Path(), help="Folder for the adapted model.")
+@click.option("--register", "register_name", help="Register the adapted model under this name.")
+@_friendly
+def adapt(
+    model_ref: str,
+    target_manifest: str,
+    method: str,
+    out: str | None,
+    register_name: str | None,
+) -> None:
+    """Adapt a trained model to a new site's images (TENT or AdaBN, no retraining)."""
+    from medtl.config import TrackingConfig
+    from medtl.evaluation.report.formatting import format_ci
+    from medtl.jobs.adapt import run_adapt
+
+    res = run_adapt(
+        model_ref,
+        target_manifest,
+        method=method,
+        out_dir=out,
+        register_name=register_name,
+        tcfg=TrackingConfig(enabled=bool(register_name)),
+    )
+    t = res.target
+    click.echo(f"adapted model ({method}): {res.bundle_dir}")
+    if t.get("labelled"):
+        before, after = t["before"]["summary"], t["after"]["summary"]
+        click.echo(
+            f"target AUROC before {format_ci(before.get('auroc'))}, "
+            f"after {format_ci(after.get('auroc'))}"
+        )
+    if res.registered:
+        reg = res.registered
+        click.echo(f"registered {reg.get('name')} version {reg.get('version')} (alias: candidate)")
+    click.echo(t["note"])
 
 
 @main.command()
@@ -244,12 +346,22 @@ def report(run_dir: str) -> None:
     help="Evaluate even if patients or images are in the model's training set (the report "
     "records the overlap; metrics are then optimistic).",
 )
+@_inference_options
 @_friendly
-def evaluate(model_ref: str, manifest_path: str, out: str | None, allow_overlap: bool) -> None:
+def evaluate(
+    model_ref: str,
+    manifest_path: str,
+    out: str | None,
+    allow_overlap: bool,
+    device: str,
+    batch_size: int,
+) -> None:
     """The clinical report for a trained model on held-out data."""
     from medtl.evaluation.heldout import evaluate_model
+    from medtl.prediction import PassOptions
 
-    paths = evaluate_model(model_ref, manifest_path, out, allow_overlap=allow_overlap)
+    opts = PassOptions(device=device, batch_size=batch_size)
+    paths = evaluate_model(model_ref, manifest_path, out, allow_overlap=allow_overlap, options=opts)
     click.echo(f"report: {paths.html}")
 
 
@@ -322,28 +434,63 @@ def compare(
     help="Also write one row per study or patient: the manifest column to group by "
     "(e.g. study_id); rows go to OUT with a _by_<column> suffix.",
 )
+@click.option(
+    "--allow-unapproved",
+    is_flag=True,
+    help="Predict with a version that is not approved (rejected, unreviewed, a bundle "
+    "folder); every row is then marked approved=false.",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse inputs outside the model's training input profile (modality, body part, "
+    "view, photometric, size); they keep a row with the reason, unpredicted.",
+)
+@_inference_options
 @_friendly
 def predict(
-    model_ref: str, input_path: str, out: str, gradcam_dir: str | None, by_column: str | None
+    model_ref: str,
+    input_path: str,
+    out: str,
+    gradcam_dir: str | None,
+    by_column: str | None,
+    allow_unapproved: bool,
+    strict: bool,
+    device: str,
+    batch_size: int,
 ) -> None:
-    """Batch prediction on a manifest or a folder of images; writes a CSV."""
-    from medtl.inference import predict as run_predict
-    from medtl.inference import resolve_model
+    """Batch prediction on a manifest or a folder of images; writes a CSV with provenance.
 
-    bundle = resolve_model(model_ref)
-    df = run_predict(bundle, input_path)
+    Only an approved registered version runs unless --allow-unapproved; inputs outside the
+    model's intended-use profile are flagged in out_of_profile (refused with --strict).
+    """
+    from medtl.inference import predict_for_use
+    from medtl.prediction import PassOptions
+
+    cam = Path(gradcam_dir) if gradcam_dir else None
+    opts = PassOptions(device=device, batch_size=batch_size, gradcam_dir=cam)
+    res = predict_for_use(
+        model_ref, input_path, allow_unapproved=allow_unapproved, strict=strict, options=opts
+    )
+    bundle, df, prov = res.bundle, res.rows, res.provenance
+    if not prov.approved:
+        click.echo(f"warning: not approved: {prov.approval}; rows say approved=false", err=True)
+    if not res.profile_checked:
+        click.echo("warning: the model has no training input profile; inputs not checked", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     if by_column:
         _write_group_rows(bundle, df, input_path, by_column, Path(out))
-    if gradcam_dir:
-        from medtl.explain import write_gradcam_pngs
-
-        pngs = write_gradcam_pngs(bundle, input_path, gradcam_dir)
+    if gradcam_dir:  # made in the prediction pass, from the same decoded images
+        pngs = df.attrs.get("gradcams", [])
         click.echo(f"{len(pngs)} Grad-CAM overlays written to {gradcam_dir}")
-    n_err = int(df["error"].notna().sum()) if "error" in df.columns else 0
+    n_err = int(df["error"].notna().sum()) - res.n_refused
+    notes = [f"{n_err} unreadable"] * bool(n_err)
+    if res.n_out_of_profile:
+        verb = "refused" if strict else "flagged in out_of_profile"
+        notes.append(f"{res.n_out_of_profile} outside the intended-use profile, {verb}")
     click.echo(
-        f"{len(df)} predictions written to {out}" + (f" ({n_err} unreadable)" if n_err else "")
+        f"{len(df)} predictions written to {out}" + (f" ({'; '.join(notes)})" if notes else "")
     )
 
 
@@ -370,38 +517,168 @@ def _write_group_rows(bundle, df, input_path: str, column: str, out: Path) -> No
     click.echo(f"{len(rows)} {column} rows written to {dest}")
 
 
+# ---------------------------------------------------------------- few-shot
+@main.command()
+@click.option("--pipeline", "pipeline_path", type=click.Path(), help="Pipeline YAML (few_shot).")
+@click.option("--manifest", "manifest_path", type=click.Path(exists=True), help="Episodic mode.")
+@click.option("--shots", help="Episodic: patients per class, e.g. 1,5,10.")
+@click.option("--episodes", type=click.IntRange(min=1), help="Episodic: episodes per k.")
+@click.option("--support", "support_path", type=click.Path(exists=True), help="Fit mode.")
+@click.option("--query", "query_path", type=click.Path(exists=True), help="Fit mode: scored.")
+@click.option("--classifier", type=click.Choice(["logistic", "prototype"]), default=None)
+@click.option("--seed", type=int, default=None, help="Episode sampling and head seed.")
+@click.option("--set", "overrides", multiple=True, help="Override a config key: key=value.")
+@click.option("--out", type=click.Path(), help="Output folder (default: runs/<name>-...).")
+@click.option("--register", "register_name", help="Fit mode: register the model as NAME.")
+@_friendly
+def fewshot(
+    pipeline_path: str | None,
+    manifest_path: str | None,
+    shots: str | None,
+    episodes: int | None,
+    support_path: str | None,
+    query_path: str | None,
+    classifier: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+    out: str | None,
+    register_name: str | None,
+) -> None:
+    """Few-shot from a handful of patients: episodic evaluation (--manifest) or a model
+    fitted on --support and scored on --query."""
+    from medtl.config import load_config
+    from medtl.fewshot import run_fewshot_episodes, run_fewshot_fit
+
+    sets = list(overrides) if pipeline_path else ["strategy.name=few_shot", *overrides]
+    sets += [f"strategy.fewshot_classifier={classifier}"] if classifier else []
+    sets += [f"seed={seed}"] if seed is not None else []
+    cfg = load_config(pipeline_path, sets)
+    con = _console()
+    if manifest_path and not (support_path or query_path):
+        k = _shot_numbers(shots) if shots else None
+        res = run_fewshot_episodes(
+            cfg, manifest_path, out, shots=k, episodes=episodes, say=con.print
+        )
+        _print_fewshot_episodes(con, res)
+    elif support_path and query_path and not manifest_path:
+        if shots or episodes:
+            raise click.UsageError("--shots/--episodes belong to the episodic mode (--manifest)")
+        fit = run_fewshot_fit(
+            cfg, support_path, query_path, out, register_name=register_name, say=con.print
+        )
+        _print_fewshot_fit(con, fit)
+    else:
+        raise click.UsageError(
+            "give either --manifest M.csv (episodic evaluation) or --support S.csv --query Q.csv "
+            "(fit a model on the support patients, score the query patients)"
+        )
+
+
+def _shot_numbers(text: str) -> list[int]:
+    """``--shots 1,5,10`` as patients per class (UsageError naming the flag otherwise)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.UsageError(
+            f"--shots takes patients per class separated by commas, e.g. 1,5,10; got '{text}'"
+        ) from None
+
+
+def _print_fewshot_episodes(con, res) -> None:
+    from rich.table import Table
+
+    from medtl.fewshot.report import fmt_ci
+
+    info = res.info
+    table = Table(
+        title=f"few-shot {info['classifier']}: {info['episodes']} episodes per k (95% CI)"
+    )
+    for h in ("variant", "k", "AUROC", "accuracy"):
+        table.add_column(h)
+    for r in res.result.rows:
+        table.add_row(r.variant, str(r.k_shot), fmt_ci(r.auroc), fmt_ci(r.accuracy))
+    con.print(table)
+    con.print(f"report: {res.md_path}")
+
+
+def _print_fewshot_fit(con, fit) -> None:
+    from rich.table import Table
+
+    from medtl.evaluation.report import headline_rows
+
+    table = Table(title="few-shot model on the query patients (patient-bootstrap 95% CI)")
+    table.add_column("metric")
+    table.add_column("value")
+    for name, value in headline_rows(fit.metrics):
+        table.add_row(name, value)
+    con.print(table)
+    con.print(f"report:      {fit.report_html}")
+    con.print(f"model:       {fit.bundle_dir}  (medtl predict --model {fit.bundle_dir} ...)")
+    if fit.parent_run_id:
+        con.print(f"MLflow run:  {fit.parent_run_id}  ({fit.tracking_uri})")
+        if not fit.registered:
+            con.print(f"register:    medtl register {fit.out_dir} --name NAME")
+    if fit.registered:
+        reg = fit.registered
+        con.print(f"registered:  {reg.get('name')} version {reg.get('version')} (alias candidate)")
+
+
 # ---------------------------------------------------------------- registry, review, audit
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--name", required=True, help="Registered model name.")
+@click.option(
+    "--card",
+    "card_path",
+    type=click.Path(),
+    help="Model card items (YAML: intended_use, target_population, ...); they replace the "
+    "pipeline's card: section item by item.",
+)
 @_friendly
-def register(run: str, name: str) -> None:
-    """Register a run's model (alias `candidate`) with its metrics and lineage."""
-    from medtl.config import TrackingConfig
+def register(run: str, name: str, card_path: str | None) -> None:
+    """Register a run's model (alias `candidate`) with its metrics, lineage and model card."""
+    from medtl.config import TrackingConfig, load_card
     from medtl.tracking.registry import register as do_register
 
-    res = do_register(run, name, TrackingConfig())
+    card = load_card(card_path) if card_path else None
+    res = do_register(run, name, TrackingConfig(), card=card)
     click.echo(f"registered {name} version {_version_of(res)} (alias: candidate)")
 
 
 @main.command()
 @click.argument("name")
 @click.argument("version")
-@click.option("--approve", "decision", flag_value="approve")
-@click.option("--reject", "decision", flag_value="reject")
-@click.option("--by", "by", required=True, help="Reviewer name or role.")
-@click.option("--note", default="", help="Review note.")
+@click.option("--approve", is_flag=True, help="Approve the version (moves alias `approved`).")
+@click.option("--reject", is_flag=True, help="Reject it (takes `approved` off it).")
+@click.option("--by", "by", default="", help="Reviewer name or role (required).")
+@click.option("--note", default="", help="Review note (no patient identifiers).")
 @_friendly
-def review(name: str, version: str, decision: str | None, by: str, note: str) -> None:
-    """Record a clinical review decision on a model version (moves alias `approved`)."""
+def review(name: str, version: str, approve: bool, reject: bool, by: str, note: str) -> None:
+    """Append a signed clinical review record to the model's review chain.
+
+    The first review creates the audit key file (see README, "Review trail").
+    """
     from medtl.config import TrackingConfig
     from medtl.errors import ConfigError
     from medtl.tracking.registry import review as do_review
 
-    if decision is None:
-        raise ConfigError("give --approve or --reject")
-    do_review(name, version, decision, by, note, TrackingConfig())
-    click.echo(f"{name} version {version}: {decision}d by {by}")
+    if approve == reject:
+        given = "both" if approve else "neither"
+        raise ConfigError(
+            f"{given} of --approve and --reject given: pass exactly one, e.g. "
+            f"medtl review {name} {version} --approve --by 'Dr. A. Radiologist'"
+        )
+    if not by.strip():
+        raise ConfigError(f"a review needs a reviewer: medtl review {name} {version} --by NAME")
+    decision = "approve" if approve else "reject"
+    rec = do_review(name, version, decision, by, note, TrackingConfig())
+    if rec.get("key_created"):
+        click.echo(
+            f"created audit key {rec['key_created']} (mode 0600): back it up and keep it out "
+            "of the tracking store; audits need it",
+            err=True,
+        )
+    click.echo(f"{name} version {version}: {decision}d by {rec['by']}")
 
 
 @main.command()
@@ -409,13 +686,21 @@ def review(name: str, version: str, decision: str | None, by: str, note: str) ->
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
 def audit(spec: str, as_json: bool) -> None:
-    """Full lineage of a model: data, code, weights, metrics with CIs, review history."""
+    """Lineage of a model and a check of its review chain and bytes; exit 1 on any break.
+
+    Exit status: 0 verified, 1 integrity failure (first bad record named), 2 usage error.
+    """
     from medtl.config import TrackingConfig
     from medtl.tracking.registry import audit as do_audit
     from medtl.tracking.registry import render_audit
 
     info = do_audit(spec, TrackingConfig())
     click.echo(json.dumps(info, indent=2, default=str) if as_json else render_audit(info))
+    if not info["ok"]:
+        first = info["integrity"]["first_break"]
+        where = f"record #{first['record']}" if first["record"] is not None else "the chain"
+        click.echo(f"error: audit failed at {where}: {first['kind']}: {first['detail']}", err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- weights

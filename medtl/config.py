@@ -38,6 +38,22 @@ class DataConfig(_Section):
     cache_dir: str | None = None  # default: <run>/../.cache or $MEDTL_CACHE_DIR
     cache: Literal["disk", "memory", "none"] = "disk"
     num_workers: int | Literal["auto"] = "auto"
+    # decoding processes that fill the cache; auto = this process's cores (its share under
+    # torchrun); 0 = decode in this process (no crash isolation)
+    prepare_workers: int | Literal["auto"] = "auto"
+    # cache=disk: packed = memory-mapped shards (fast reads), persistent = MONAI .pt files
+    cache_store: Literal["packed", "persistent"] = "packed"
+    decode_timeout_s: float = Field(300.0, gt=0)  # a file decoding longer is quarantined
+    # Random augmentation: per image in the loader workers (cpu) or as tensor ops on the batch
+    # after the host->device copy (cuda, medtl/augment.py); auto = cuda when training on CUDA.
+    augment_device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("prepare_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be 'auto', 0 (in this process) or a positive count, got {v}")
+        return v
 
 
 class WindowConfig(_Section):
@@ -76,7 +92,8 @@ class ModelConfig(_Section):
     allow_random_init: bool = False  # must be set to train without weights; never silent
     in_channels: int = Field(1, ge=1)
     channel_adapt: Literal["fold_sum", "fold_mean", "repeat"] = "fold_sum"
-    head: Literal["linear", "mlp"] = "linear"
+    # cosine: L2-normalise the features, then the linear layer (the few_shot classifiers)
+    head: Literal["linear", "mlp", "cosine"] = "linear"
     head_hidden: int = Field(256, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     inflate_3d: bool = False  # 3D: inflate a 2D ImageNet backbone (I3D) instead of a MONAI 3D net
@@ -85,7 +102,9 @@ class ModelConfig(_Section):
 class StrategyConfig(_Section):
     """Transfer strategy; each name is one registry entry in ``medtl.training.strategies``."""
 
-    name: Literal["feature_extraction", "fine_tune", "gradual_unfreeze", "lp_ft"] = "fine_tune"
+    name: Literal["feature_extraction", "fine_tune", "gradual_unfreeze", "lp_ft", "few_shot"] = (
+        "fine_tune"
+    )
     # feature_extraction
     head_trainer: Literal["logistic", "torch"] = "logistic"
     logistic_c: float = Field(1.0, gt=0)
@@ -99,6 +118,14 @@ class StrategyConfig(_Section):
     # lp_ft
     probe_epochs: int = Field(2, ge=0)
     ft_lr_scale: float = Field(0.1, gt=0)
+    # few_shot (`medtl fewshot`; a shot is one labelled patient, all of its images)
+    fewshot_classifier: Literal["logistic", "prototype"] = "logistic"  # see BENCHMARKS.md
+    fewshot_c: float = Field(0.01, gt=0)  # logistic: inverse L2 strength (small = strong)
+    fewshot_scale: float = Field(10.0, gt=0)  # prototype: logits = scale * cosine similarity
+    fewshot_shots: list[int] = Field(default_factory=lambda: [1, 5, 10])  # patients per class
+    fewshot_episodes: int = Field(200, ge=1)
+    fewshot_ways: int | None = Field(None, ge=2)  # classes per episode; null: every class
+    fewshot_query: int | None = Field(None, ge=1)  # query patients per class; null: the rest
 
 
 class TrainConfig(_Section):
@@ -140,6 +167,9 @@ class CVConfig(_Section):
     # still on the inner split); "outer" on the reported fold itself (optimistic; comparison).
     selection: Literal["inner", "fixed", "outer"] = "inner"
     inner_fraction: float = Field(0.25, gt=0, lt=1)
+    # Leave-one-group-out CV over this manifest column (typically "site"): one fold per value,
+    # cv.folds is then ignored (the job sets it to the number of values).
+    group_by: str | None = None
 
 
 class EvaluationConfig(_Section):
@@ -156,6 +186,23 @@ class EvaluationConfig(_Section):
     aggregate: Literal["mean", "max"] = "mean"
 
 
+class DomainAdaptationConfig(_Section):
+    """Adapting to another site's images, from an unlabelled (or labelled) target manifest.
+
+    ``adabn`` and ``tent`` adapt the trained model afterwards (BatchNorm statistics; BatchNorm
+    affine parameters by entropy minimisation); ``coral`` and ``dann`` train jointly with target
+    batches beside the source batches (fine-tune strategies only). Target labels, when the
+    manifest has them, are used only to evaluate before/after; never to train.
+    """
+
+    method: Literal["none", "adabn", "coral", "dann", "tent"] = "none"
+    target_manifest: str | None = None
+    weight: float = Field(1.0, ge=0)  # coral: loss weight; dann: the ramp's final weight
+    dann_hidden: int = Field(256, ge=1)  # width of DANN's domain classifier
+    tent_epochs: int = Field(1, ge=1)  # passes over the target images
+    tent_lr: float = Field(1e-3, gt=0)
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = None  # default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in cwd
@@ -163,6 +210,27 @@ class TrackingConfig(_Section):
     experiment: str = "medtl"
     register_name: str | None = None  # register the model under this name after training
     log_model: bool = True
+
+
+class CardConfig(_Section):
+    """What only people know about a model, for its card (TRIPOD+AI items); all optional.
+
+    Whatever is left unset is printed in the card as "not yet known", never as boilerplate.
+    Also read from ``medtl register --card card.yaml`` (same keys; the file's values win).
+    """
+
+    intended_use: str | None = None  # the clinical question and the decision it supports
+    intended_users: str | None = None  # who acts on the output (e.g. "thoracic radiologists")
+    target_population: str | None = None  # patients and setting it is meant for
+    contraindications: list[str] = Field(default_factory=list)  # where it must not be used
+    outcome_definition: str | None = None  # what a positive label means
+    reference_standard: str | None = None  # how the labels were established
+    data_sources: list[str] = Field(default_factory=list)  # institutions, registries, archives
+    data_dates: str | None = None  # when the images were acquired (e.g. "2016-01 to 2021-12")
+    eligibility: str | None = None  # inclusion and exclusion criteria for patients and images
+    missing_data: str | None = None  # how missing labels or images were handled
+    known_limitations: list[str] = Field(default_factory=list)
+    contact: str | None = None  # who answers questions about the model
 
 
 class PipelineConfig(_Section):
@@ -178,7 +246,9 @@ class PipelineConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    domain_adaptation: DomainAdaptationConfig = Field(default_factory=DomainAdaptationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    card: CardConfig = Field(default_factory=CardConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -189,6 +259,7 @@ class PipelineConfig(_Section):
                 f"transforms.spatial_size has {n} values but preset "
                 f"'{self.transforms.preset}' needs {want}"
             )
+        _check_adaptation(self.domain_adaptation, self.strategy.name)
         return self
 
     @property
@@ -199,13 +270,66 @@ class PipelineConfig(_Section):
         """Flattened ``a.b.c -> value`` view, for MLflow params and reports."""
         return flatten_dict(self.model_dump(mode="json"))
 
+    def identity_view(self) -> dict[str, Any]:
+        """The flattened config keys that decide what is computed (``NOT_IDENTITY`` left out):
+        what two fold jobs of one run must agree on, and what ``--collect`` diffs."""
+        return {k: v for k, v in self.flat().items() if not _not_identity(k)}
+
     def identity(self) -> str:
-        """Short sha256 of the resolved config: an output's identity is its config's."""
+        """Short sha256 of :meth:`identity_view`: an output's identity is its config's.
+
+        Where and how fast a job runs (cache folder, workers, device, tracking, the manifest's
+        path, ``cv.only_folds``) and the card's text are left out, so fold jobs of one run and
+        a resumed job share it; the job checks the manifests' content hashes itself."""
+        blob = json.dumps(self.identity_view(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def full_identity(self) -> str:
+        """Short sha256 of the whole resolved config, paths and workers included."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Flattened config keys (a name ending in '.' is a whole section) that say where, how fast or under which label a job runs,
+# never what it computes: left out of ``PipelineConfig.identity``. The manifests' paths are
+# replaced by their content hashes, which the train job records beside the identity.
+NOT_IDENTITY = (
+    "card.",
+    "description",
+    "cv.only_folds",
+    "data.manifest",
+    "data.cache_dir",
+    "data.cache",
+    "data.num_workers",
+    "data.prepare_workers",
+    "data.cache_store",
+    "domain_adaptation.target_manifest",
+    "train.device",
+    "train.progress",
+    "tracking.",
+)
+
+
+def _not_identity(key: str) -> bool:
+    """Whether a flattened key is in ``NOT_IDENTITY`` (a key, or a section ending in '.')."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in NOT_IDENTITY)
+
+
+# Strategies that train the backbone in an epoch loop: where a joint adaptation loss can act.
+JOINT_ADAPTATION_STRATEGIES = ("fine_tune", "gradual_unfreeze", "lp_ft")
+
+
+def _check_adaptation(da: DomainAdaptationConfig, strategy: str) -> None:
+    """coral/dann need a strategy that trains the backbone (the target is checked by the job)."""
+    if da.method in ("coral", "dann") and strategy not in JOINT_ADAPTATION_STRATEGIES:
+        raise ValueError(
+            f"domain_adaptation.method '{da.method}' trains jointly with the backbone and does "
+            f"not work with strategy.name '{strategy}'; use one of "
+            f"{', '.join(JOINT_ADAPTATION_STRATEGIES)}, or method adabn/tent"
+        )
 
 
 def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -231,9 +355,9 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, schema: type[BaseModel] | None = None) -> str:
     lines = []
-    all_keys = _valid_keys(PipelineConfig)
+    all_keys = _valid_keys(schema or PipelineConfig)
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
         if e["type"] == "extra_forbidden":
@@ -319,3 +443,28 @@ def load_config(
                 f"pipeline config '{p}' must be a mapping of sections, got {type(raw).__name__}"
             )
     return build_config(raw, overrides)
+
+
+def load_card(path: str | Path) -> CardConfig:
+    """Read a model card file (the keys of a pipeline's ``card:`` section, optionally under
+    ``card:``), validated by the same schema: an unknown key is an error that names it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"card file '{p}' does not exist (example: pipelines/cards/cxr_nodule_card.yaml)"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"card file '{p}' is not valid YAML: {err}") from None
+    if isinstance(raw, dict) and set(raw) == {"card"}:
+        raw = raw["card"] or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"card file '{p}' must be a mapping of card keys, got {type(raw).__name__}"
+        )
+    try:
+        return CardConfig.model_validate(raw)
+    except ValidationError as err:
+        msg = _explain(err, CardConfig)
+        raise ConfigError(f"card file '{p}': {msg}") from None

@@ -10,10 +10,16 @@ Stratification key per row: the label string for single-label tasks; for multi-l
 (``"a|b"``) the rarest of the row's labels (rarest by number of patients), so rare findings
 spread over the folds instead of hiding in rare label combinations; an empty cell is the
 key ``"(none)"``.
+
+``cv.group_by`` (e.g. ``site``) gives leave-one-group-out folds instead: fold ``k`` holds every
+patient of the ``k``-th group value in sorted order, so each group is scored by a model that
+never saw it. A patient under two values of the column is an error (the held-out group would
+share patients with training), as is a column with fewer than two values.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +34,14 @@ __all__ = [
     "SPLITS_FILENAME",
     "choose_threshold",
     "choose_thresholds",
+    "expected_folds",
     "load_splits",
     "make_or_load_splits",
     "make_splits",
     "save_splits",
 ]
+
+log = logging.getLogger("medtl")
 
 SPLITS_FILENAME = "fold_assignments.csv"
 THRESHOLD_METHODS = ("youden", "sensitivity")
@@ -199,6 +208,68 @@ def _honour_fold_column(
     return out
 
 
+def _group_values(df: pd.DataFrame, col: str, rows: np.ndarray) -> pd.Series:
+    """The ``cv.group_by`` column as strings; ConfigError/ManifestError when unusable."""
+    if col not in df.columns:
+        raise ConfigError(
+            f"cv.group_by='{col}' is not a manifest column; columns: {list(map(str, df.columns))}. "
+            "Set cv.group_by to one of them (e.g. site) or leave it unset for patient-grouped folds"
+        )
+    values = df[col]
+    empty = df.index[rows & values.isna().to_numpy()].tolist()
+    if empty:
+        raise ManifestError(
+            f"{len(empty)} non-test row(s) have no '{col}' value (rows {empty[:5]}); "
+            f"cv.group_by='{col}' needs one for every image: fill them or drop those rows"
+        )
+    return values.astype(str).str.strip()
+
+
+def _group_folds(
+    df: pd.DataFrame, cv: CVConfig, patients: pd.Series, train_mask: np.ndarray
+) -> np.ndarray:
+    """Leave-one-group-out folds over ``cv.group_by``: fold k = the k-th value, sorted."""
+    col = str(cv.group_by)
+    groups = _group_values(df, col, train_mask)
+    per = pd.DataFrame({"p": patients[train_mask], "g": groups[train_mask]})
+    n_groups = per.groupby("p")["g"].nunique()
+    shared = n_groups[n_groups > 1].index.tolist()
+    if shared:
+        theirs = sorted(per.loc[per["p"] == shared[0], "g"].unique().tolist())
+        raise ManifestError(
+            f"{len(shared)} patient(s) appear under more than one '{col}' value (e.g. "
+            f"'{shared[0]}' at {theirs}): leave-one-{col}-out would train on patients of the "
+            f"held-out {col}. Give each patient one '{col}' value, or leave cv.group_by unset "
+            "for patient-grouped folds"
+        )
+    names = sorted(per["g"].unique().tolist())
+    if len(names) < 2:
+        raise ConfigError(
+            f"cv.group_by='{col}' needs at least 2 values to leave one out; the non-test rows "
+            f"have {names}. Add data from another {col} or leave cv.group_by unset"
+        )
+    if cv.folds != len(names):
+        log.info(
+            "cv.folds=%d ignored: cv.group_by=%s gives %d folds (%s)",
+            cv.folds,
+            col,
+            len(names),
+            ", ".join(names),
+        )
+    index = {g: k for k, g in enumerate(names)}
+    out = np.full(len(df), -1, dtype=int)
+    out[train_mask] = groups[train_mask].map(index).to_numpy()
+    return out
+
+
+def expected_folds(df: pd.DataFrame, cv: CVConfig) -> int:
+    """How many folds ``cv`` makes from the non-test rows ``df``: the number of
+    ``cv.group_by`` values, else ``cv.folds``."""
+    if cv.group_by is None or cv.group_by not in df.columns:
+        return cv.folds
+    return int(df[cv.group_by].dropna().astype(str).str.strip().nunique())
+
+
 def make_splits(
     df: pd.DataFrame,
     cv: CVConfig,
@@ -215,12 +286,15 @@ def make_splits(
 
     Test patients are the union of the split column's ``test`` rows and the fold column's
     ``-1`` rows; a test patient who also has a fold (>= 0) is an error, never a silent choice.
+    With ``cv.group_by`` the non-test rows get leave-one-group-out folds (module docstring).
 
     Raises:
         ManifestError: missing columns, a patient spanning folds or test/train, a test
-            patient with a CV fold, too few patients of a class for the folds.
+            patient with a CV fold, too few patients of a class for the folds, a patient
+            under two ``cv.group_by`` values.
         ConfigError: the manifest's fold count differs from ``cv.folds``; test patients
-            marked in the manifest and a ``cv.test_fraction`` both given.
+            marked in the manifest and a ``cv.test_fraction`` both given; ``cv.group_by``
+            not a column, with fewer than two values, or beside a manifest fold column.
     """
     _require_columns(df, [label_col, patient_col])
     if df[patient_col].isna().any() or df[label_col].isna().any():
@@ -243,7 +317,15 @@ def make_splits(
     test = _test_patients(df, cv, patient_col, keys, seed, marked)
     is_test = patients.isin(test).to_numpy()
 
-    if has_folds:
+    if cv.group_by is not None:
+        if has_folds and (pd.to_numeric(df[cv.fold_column], errors="coerce") >= 0).any():
+            raise ConfigError(
+                f"cv.group_by='{cv.group_by}' makes the folds, but the manifest's "
+                f"'{cv.fold_column}' column gives folds too; drop that column or leave "
+                "cv.group_by unset to use it"
+            )
+        folds = _group_folds(df, cv, patients, ~is_test)
+    elif has_folds:
         folds = _honour_fold_column(df, cv, patient_col, ~is_test)
     else:
         train_keys, train_patients = keys[~is_test], patients[~is_test]
@@ -353,10 +435,13 @@ def make_or_load_splits(
             f"stored splits '{stored}' give image(s) {list(moved)[:3]} another patient than the "
             "manifest does; delete the file to make new splits"
         )
-    k = int(table["fold"].max()) + 1
-    if k != cv.folds:
+    stored_split = table["split"].reindex(images.to_numpy()).to_numpy()
+    k, want = int(table["fold"].max()) + 1, expected_folds(df[stored_split != "test"], cv)
+    if k != want:
+        what = f"cv.group_by={cv.group_by} gives {want}" if cv.group_by else f"cv.folds={want}"
         raise ConfigError(
-            f"stored splits '{stored}' have {k} folds but cv.folds={cv.folds}; set cv.folds={k}"
+            f"stored splits '{stored}' have {k} folds but {what}; set cv.folds={k} (or "
+            "cv.group_by to the column they were made by), or delete the file to make new splits"
         )
     out = df.copy()
     out["fold"] = table["fold"].reindex(images.to_numpy()).to_numpy()

@@ -31,7 +31,7 @@ def run_demo(
     """
     from medtl.config import load_config
     from medtl.demo_data import make_demo_data
-    from medtl.inference import predict, resolve_model
+    from medtl.inference import predict_for_use
     from medtl.jobs import print_train_summary, run_train
 
     say = console.print if console is not None else print
@@ -60,11 +60,15 @@ def run_demo(
     )
     if console is not None:
         print_train_summary(outcome, console)
-    bundle = resolve_model(str(outcome.bundle_dir))
-    preds = predict(bundle, demo.holdout_manifest_csv)
+    # The run's own bundle folder has no review yet: its rows say approved=false.
+    preds = predict_for_use(
+        str(outcome.bundle_dir), demo.holdout_manifest_csv, allow_unapproved=True
+    ).rows
     preds_path = out / "holdout_predictions.csv"
     preds.to_csv(preds_path, index=False)
-    say(f"held-out predictions: {preds_path} ({len(preds)} images)")
+    say(f"held-out predictions: {preds_path} ({len(preds)} images, unreviewed model)")
+    if outcome.bundle_dir is not None:
+        _site_shift(outcome.bundle_dir, demo, out, say)
     say("")
     say("[bold]Where to look[/bold]" if console is not None else "Where to look")
     say(f"  report:   {outcome.report_html}")
@@ -72,6 +76,28 @@ def run_demo(
         say(f"  MLflow:   mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if outcome.tracking_uri:
         env = f"MLFLOW_TRACKING_URI={outcome.tracking_uri}"
+        # The demo's review key stays in the demo folder, not in the user's ~/.config/medtl.
+        say(f"  key:      export MEDTL_AUDIT_KEY_FILE={(out / 'audit.key').resolve()}")
         say(f"  review:   {env} medtl review medtl-demo-cxr 1 --approve --by 'Dr. Reviewer'")
         say(f"  audit:    {env} medtl audit medtl-demo-cxr@approved")
+        model = "models:/medtl-demo-cxr@approved"
+        say(f"  predict:  {env} medtl predict --model {model} IMAGES --out preds.csv")
     return outcome
+
+
+def _site_shift(bundle_dir: Path, demo: Any, out: Path, say: Any) -> None:
+    """The demo's shifted site C: the model's gap there, and what AdaBN does about it."""
+    from medtl.evaluation.report.formatting import format_ci
+    from medtl.jobs.adapt import run_adapt
+
+    if demo.target_manifest_csv is None:
+        return
+    res = run_adapt(
+        str(bundle_dir), demo.target_manifest_csv, method="adabn", out_dir=out / "adapt"
+    )
+    t = res.target
+    before, after = t["before"]["summary"]["auroc"], t["after"]["summary"]["auroc"]
+    say(
+        f"site C (shifted scanner, {t['n_patients']} patients): AUROC {format_ci(before)} "
+        f"without adaptation, {format_ci(after)} after AdaBN ({res.run_dir / 'adapt_report.md'})"
+    )

@@ -8,6 +8,24 @@ different contrast, brightness and noise, and header fields that look like PHI (
 MRNs, birth dates, accession numbers, institutions, UIDs; all fake). The positive class
 ("nodule") is a visible round opacity in a lung field; about 27% of images are positive.
 
+A third, shifted site ("site_c", ``target_patients``) is written as its own export under
+``target/`` with ``target_manifest.csv`` (labelled) and ``target_unlabelled.csv`` (no label
+column): the data for domain-shift and adaptation work. Its scanner differs in ways that
+survive the default percentile clip and a resize to small inputs (a pure gain or offset
+change would not, since the clip rescales each image to its own range):
+
+- lower native resolution: a detector matrix of 3/4 of ``image_size`` pixels a side (at least
+  32; coarser pixel spacing, same field of view), which the pipeline resamples;
+- a blurrier detector (Gaussian MTF, sigma 0.5 native pixels) before the noise;
+- a non-linear, film-like S-shaped LUT instead of a power law (air and dense body compressed,
+  the lung-to-soft-tissue mid-tones stretched);
+- much stronger quantum noise (about 5x site B's), as from a low-dose or older detector;
+- half of its files MONOCHROME1 instead of a fifth (undone by the reader: no shift after load).
+
+The nodule stays visible to a reader at site C. Site C comes from its own random stream
+and its own patients (new MRNs, new pseudonyms): ``manifest.csv``, ``dicom/`` and the holdout
+are byte-identical whatever ``target_patients`` is.
+
 The manifests use pseudonymous ids made with :data:`DEMO_SALT`, exactly as
 ``medtl manifest scan --salt`` would make them, so the scan of ``dicom/`` with
 ``labels.csv`` reproduces ``manifest.csv``. :data:`DEMO_SALT` is public and only for demo
@@ -78,6 +96,21 @@ class DemoData:
     holdout_manifest_csv: Path  # separate patients, same columns as manifest_csv
     manifest_3d_csv: Path | None
     nifti_dir: Path | None
+    # The shifted third site (None when target_patients=0): its own export and patients.
+    target_dicom_dir: Path | None = None
+    target_manifest_csv: Path | None = None  # same columns as manifest_csv, site "site_c"
+    target_unlabelled_csv: Path | None = None  # the same rows without the label column
+
+
+@dataclass(frozen=True)
+class _Shift:
+    """Scanner changes of the shifted site that a percentile clip cannot undo."""
+
+    native_fraction: float  # detector matrix side as a fraction of image_size (same field)
+    blur: float  # Gaussian MTF sigma, in native pixels, applied before the noise
+    lut_slope: float  # S-shaped LUT: logistic of (att - lut_center) / lut_slope, rescaled
+    lut_center: float
+    monochrome1_fraction: float
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,7 @@ class _Site:
     gain: float
     gamma: float
     noise: float
+    shift: _Shift | None = None  # None: the source sites' plain power-law look
 
 
 _SITES = (
@@ -117,6 +151,28 @@ _SITES = (
         0.022,
     ),
 )
+_TARGET_SITE = _Site(
+    "site_c",
+    "Lakeside Valley Community Hospital",
+    "LVCH-DR03",
+    "DX",
+    _DX_STORAGE,
+    0.10,
+    0.80,
+    1.0,
+    0.12,  # quantum noise ~5x site B's: a low-dose / older detector
+    # Calibrated with benchmarks/site_shift.py: a clear AUROC gap that AdaBN partly closes,
+    # the nodule still plain to see (see the module docstring).
+    _Shift(
+        native_fraction=0.75,
+        blur=0.5,
+        lut_slope=0.12,
+        lut_center=0.35,
+        monochrome1_fraction=0.5,
+    ),
+)
+# The target site's random stream: its own, so the source outputs never move.
+_TARGET_STREAM = 12
 
 _LAST = (
     "HARTLEY ODONNELL VASQUEZ KOWALSKI LINDQVIST ABERNATHY NAKAMURA OKAFOR FITZGERALD "
@@ -196,6 +252,42 @@ def _to_stored(att: np.ndarray, site: _Site, rng: np.random.Generator) -> np.nda
     value = value + rng.normal(0, site.noise, att.shape)
     top = 2**_BITS - 1
     return np.clip(np.round(value * top), 0, top).astype(np.uint16)
+
+
+def _logistic(x: np.ndarray | float, center: float, slope: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(np.asarray(x) - center) / slope))
+
+
+def _to_stored_shifted(
+    rng: np.random.Generator, site: _Site, image_size: int, nodule: tuple | None
+) -> np.ndarray:
+    """The shifted site's scanner: coarser matrix, blur, S-shaped LUT, stronger noise."""
+    shift = site.shift
+    assert shift is not None
+    # JPEG 2000 (openjpeg, 6 resolution levels) needs at least 32 pixels a side.
+    native = min(image_size, max(32, round(image_size * shift.native_fraction)))
+    att = _radiograph(rng, native, nodule)
+    if shift.blur > 0:
+        att = ndimage.gaussian_filter(att, shift.blur)
+    lo, hi = (
+        _logistic(0.0, shift.lut_center, shift.lut_slope),
+        _logistic(1.0, shift.lut_center, shift.lut_slope),
+    )
+    lut = (_logistic(att, shift.lut_center, shift.lut_slope) - lo) / (hi - lo)
+    gain = site.gain * rng.uniform(0.95, 1.05)
+    value = site.offset + gain * lut**site.gamma
+    value = value + rng.normal(0, site.noise, att.shape)
+    top = 2**_BITS - 1
+    return np.clip(np.round(value * top), 0, top).astype(np.uint16)
+
+
+def _site_pixels(
+    rng: np.random.Generator, site: _Site, image_size: int, nodule: tuple | None
+) -> np.ndarray:
+    """Stored pixels of one study as ``site``'s scanner makes them."""
+    if site.shift is not None:
+        return _to_stored_shifted(rng, site, image_size, nodule)
+    return _to_stored(_radiograph(rng, image_size, nodule), site, rng)
 
 
 def _nodule_site(rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -292,9 +384,15 @@ def _write_dicom(
 
 
 def _make_patients(
-    rng: np.random.Generator, n: int, seed: int, tag: str, mrn_pool: set[str]
+    rng: np.random.Generator,
+    n: int,
+    seed: int,
+    tag: str,
+    mrn_pool: set[str],
+    site: _Site | None = None,
 ) -> list[dict]:
-    """Fake patient identities and per-study labels (most patients keep one label)."""
+    """Fake patient identities and per-study labels (most patients keep one label); every
+    patient at ``site`` when given, else at site A or B at random."""
     n_pos = max(1, round(_POSITIVE_FRACTION * n)) if n > 1 else 0
     positive = set(rng.permutation(n)[:n_pos].tolist())
     patients = []
@@ -317,7 +415,8 @@ def _make_patients(
                 "mrn": mrn,
                 "birth_date": _date(rng, 1932, 1992),
                 "sex": sex,
-                "site": _SITES[0] if rng.random() < 0.55 else _SITES[1],
+                # The draw stays in this place in the stream: source outputs must not move.
+                "site": site or (_SITES[0] if rng.random() < 0.55 else _SITES[1]),
                 "referrer": f"{rng.choice(_LAST)}^{rng.choice(_FIRST['M' if rng.random() < 0.5 else 'F'])}^^DR",
                 "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}",
                 "labels": labels,
@@ -337,6 +436,7 @@ def _write_2d_set(
     tag: str,
     rng: np.random.Generator,
     acc_pool: set[str],
+    monochrome1_fraction: float = _MONOCHROME1_FRACTION,
 ) -> pd.DataFrame:
     """Write every study of ``patients`` under ``tree``; return the manifest rows."""
     plan: list[tuple[dict, _Study]] = []
@@ -367,7 +467,7 @@ def _write_2d_set(
     n = len(plan)
     syntaxes = [DEMO_TRANSFER_SYNTAXES[i % len(DEMO_TRANSFER_SYNTAXES)] for i in range(n)]
     mono1 = np.zeros(n, bool)
-    mono1[: max(1, round(_MONOCHROME1_FRACTION * n))] = True
+    mono1[: max(1, round(monochrome1_fraction * n))] = True
     order_ts, order_m1 = rng.permutation(n), rng.permutation(n)
     rows = []
     for k, (p, study) in enumerate(plan):
@@ -379,8 +479,7 @@ def _write_2d_set(
             nx, ny, r, c = p["nodule"]
             grow = 1.0 + 0.08 * study.study
             nodule = (nx, ny, r * grow, c)
-        att = _radiograph(img_rng, image_size, nodule)
-        pixels = _to_stored(att, p["site"], img_rng)
+        pixels = _site_pixels(img_rng, p["site"], image_size, nodule)
         _write_dicom(out_dir / study.rel_path, pixels, p, study, p["site"], seed, tag)
         rows.append(
             {
@@ -459,6 +558,38 @@ def _write_junk(tree: Path) -> None:
     (tree / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
 
 
+def _write_target_site(
+    root: Path, n: int, image_size: int, seed: int, mrns: set[str], accessions: set[str]
+) -> tuple[Path, Path, Path]:
+    """The shifted site's own export: ``target/`` and its labelled and unlabelled manifests.
+
+    Drawn from its own random stream (``[seed, _TARGET_STREAM]``) after every source output is
+    written; the identifier pools only keep its MRNs and accession numbers new.
+    """
+    rng = np.random.default_rng([seed, _TARGET_STREAM])
+    tree = root / "target"
+    patients = _make_patients(rng, n, seed, "target", mrns, site=_TARGET_SITE)
+    shift = _TARGET_SITE.shift
+    assert shift is not None
+    rows = _write_2d_set(
+        root,
+        tree,
+        patients,
+        image_size,
+        seed,
+        "target",
+        rng,
+        accessions,
+        monochrome1_fraction=shift.monochrome1_fraction,
+    )
+    _write_junk(tree)
+    labelled, unlabelled = root / "target_manifest.csv", root / "target_unlabelled.csv"
+    rows = rows.drop(columns="_accession")
+    rows.to_csv(labelled, index=False)
+    rows.drop(columns="label").to_csv(unlabelled, index=False)
+    return tree, labelled, unlabelled
+
+
 def make_demo_data(
     out_dir: str | Path,
     n_patients: int = 40,
@@ -467,6 +598,7 @@ def make_demo_data(
     with_3d: bool = True,
     n_holdout: int = 8,
     n_3d: int = 12,
+    target_patients: int = 30,
 ) -> DemoData:
     """Write the demo dataset under ``out_dir``; same seed and sizes give the same bytes.
 
@@ -478,14 +610,17 @@ def make_demo_data(
         with_3d: also write NIfTI CT-like volumes and ``manifest_3d.csv``.
         n_holdout: extra patients (separate files and manifest) for evaluate/predict.
         n_3d: patients (one volume each) in the 3D manifest.
+        target_patients: patients of the shifted site C (its own export and manifests, see
+            the module docstring); 0 writes none. It never changes the other outputs.
 
     Returns:
         The paths of the dataset, see :class:`DemoData`.
     """
-    if n_patients < 2 or image_size < 32:
+    if n_patients < 2 or image_size < 32 or target_patients < 0 or target_patients == 1:
         raise ValueError(
-            f"make_demo_data needs n_patients >= 2 and image_size >= 32, got "
-            f"n_patients={n_patients}, image_size={image_size}"
+            f"make_demo_data needs n_patients >= 2, image_size >= 32 and target_patients 0 "
+            f"(none) or >= 2, got n_patients={n_patients}, image_size={image_size}, "
+            f"target_patients={target_patients}"
         )
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -520,6 +655,10 @@ def make_demo_data(
         vols.to_csv(manifest_3d_csv, index=False)
         nifti_dir = root / "nifti"
 
+    target: tuple[Path, Path, Path] | tuple[None, None, None] = (None, None, None)
+    if target_patients:
+        target = _write_target_site(root, target_patients, image_size, seed, mrns, accessions)
+
     info = {
         "generator": "medtl.demo_data.make_demo_data",
         "n_patients": n_patients,
@@ -529,6 +668,9 @@ def make_demo_data(
         "pseudonym_salt": DEMO_SALT,
         "note": "synthetic phantoms; every name, ID, date and UID is fake",
     }
+    if target_patients:  # only then, so a demo without site C keeps its old info file
+        info["target_patients"] = target_patients
+        info["target_site"] = _TARGET_SITE.name
     (root / "demo_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return DemoData(
         root=root,
@@ -539,6 +681,9 @@ def make_demo_data(
         holdout_manifest_csv=holdout_csv,
         manifest_3d_csv=manifest_3d_csv,
         nifti_dir=nifti_dir,
+        target_dicom_dir=target[0],
+        target_manifest_csv=target[1],
+        target_unlabelled_csv=target[2],
     )
 
 
@@ -551,7 +696,8 @@ def demo_phi_values(demo: DemoData, min_length: int = 6) -> set[str]:
     import pydicom
 
     values: set[str] = set()
-    for tree in (demo.dicom_dir, demo.holdout_dicom_dir):
+    trees = (demo.dicom_dir, demo.holdout_dicom_dir, demo.target_dicom_dir)
+    for tree in (t for t in trees if t is not None):
         for path in sorted(tree.rglob("*")):
             if not path.is_file() or path.name.startswith(".") or path.suffix == ".TXT":
                 continue

@@ -301,7 +301,7 @@ def predict(
     transform: Callable[[dict], dict] | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    workers: int | Literal["auto"] = "auto",
+    workers: int | Literal["auto"] = 0,
     progress: bool = False,
     gradcam_dir: str | Path | None = None,
     on_item: Callable[[int, Mapping[Hashable, Any]], None] | None = None,
@@ -311,7 +311,9 @@ def predict(
     ``inputs`` is a manifest (CSV/Parquet with an ``image`` column), a folder (walked for
     DICOM/NIfTI/PNG/JPEG; DICOM series folders are one input for 2.5D/3D models), one file,
     or a table/list of paths. ``transform`` defaults to the bundle's deterministic transforms.
-    Inputs are decoded by ``workers`` crash-isolated processes (:mod:`medtl.prediction`) and
+    Inputs are decoded by ``workers`` crash-isolated processes (:mod:`medtl.prediction`; 0, the
+    default for library callers such as the MLflow pyfunc: in this process, as a script without
+    an ``if __name__ == "__main__"`` guard needs; `medtl predict` uses one per core) and
     run in batches of ``batch_size`` on ``device`` (autocast on CUDA); ``gradcam_dir`` also
     writes Grad-CAM overlays from the same decoded tensors. ``on_item(i, data)`` sees each
     readable input's transformed dict (``pixel_sha256`` included), so a caller can use what
@@ -370,7 +372,11 @@ def write_gradcam_pngs(
 
     items = _inputs(inputs, _volumes(bundle))
     opts = PassOptions(
-        device="cpu", progress=False, gradcam_dir=Path(out_dir), gradcam_class=class_name
+        device="cpu",
+        workers=0,
+        progress=False,
+        gradcam_dir=Path(out_dir),
+        gradcam_class=class_name,
     )
     return run_pass(bundle, items, transform or _default_transform(bundle), opts).gradcams
 

@@ -33,8 +33,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_helpers import free_port, stop_group
 
 from medtl.tracking.store import OFFLINE_ENV
 
@@ -333,25 +332,10 @@ def test_fresh_env_loads_the_approved_model_and_predicts_jpeg2000(fresh_env, reg
     assert out["code"] == [registered["code"].commit, "build"]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (own process group), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=15)
+_stop = stop_group
 
 
 def _post(url: str, body: dict) -> dict:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -78,11 +79,15 @@ def _train(manifest, out, *extra, **kw):
     return run_train(_cfg(*extra), manifest_path=manifest, out_dir=out, **kw)
 
 
-def _fold_job(manifest: Path, out: Path, k: int, cache: Path) -> subprocess.Popen:
+def _fold_job(
+    manifest: Path, out: Path, k: int | None, cache: Path, *flags: str
+) -> subprocess.Popen:
+    """`medtl train` as a subprocess: fold ``k`` only, or (None) the whole job. One thread
+    each, so that the uninterrupted run and the fold jobs sum in the same order."""
     cmd = [sys.executable, "-m", "medtl.cli", "train", str(PIPELINE), "--manifest", str(manifest)]
     for s in [*SETTINGS, *OFF, f"data.cache_dir={cache}"]:
         cmd += ["--set", s]
-    cmd += ["--out", str(out), "--folds", str(k)]
+    cmd += ["--out", str(out), *flags] + (["--folds", str(k)] if k is not None else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
 
@@ -103,7 +108,10 @@ def runs(tmp_path_factory):
         root / "demo", n_patients=16, image_size=48, with_3d=False, n_holdout=0, target_patients=0
     )
     cache = root / "cache"
-    whole = _train(demo.manifest_csv, root / "whole", *OFF, f"data.cache_dir={cache}")
+    job = _fold_job(demo.manifest_csv, root / "whole", None, cache)
+    log = job.communicate(timeout=600)[0].decode()
+    assert job.returncode == 0, log[-3000:]
+    whole = SimpleNamespace(run_dir=root / "whole")
     run = root / "jobs"
     procs = [_fold_job(demo.manifest_csv, run, k, cache) for k in (0, 1)]
     logs = [p.communicate(timeout=600)[0].decode() for p in procs]
@@ -111,7 +119,10 @@ def runs(tmp_path_factory):
         assert p.returncode == 0, log[-3000:]
     assert not (run / "oof_predictions.csv").exists()  # a fold job neither pools nor reports
     assert not (run / "model").exists()
-    collected = _train(demo.manifest_csv, run, *OFF, f"data.cache_dir={cache}", collect_folds=True)
+    job = _fold_job(demo.manifest_csv, run, None, cache, "--collect")
+    log = job.communicate(timeout=600)[0].decode()
+    assert job.returncode == 0, log[-3000:]
+    collected = SimpleNamespace(run_dir=run)
     return {"root": root, "demo": demo, "cache": cache, "whole": whole, "run": run,
             "collected": collected, "logs": logs}  # fmt: skip
 
@@ -129,7 +140,10 @@ def test_fold_jobs_then_collect_equal_one_uninterrupted_run(runs):
     ).read_bytes()
     # Both fold jobs shared one record: the first wrote it, the second matched it.
     record = json.loads((run / "job.json").read_text())
-    assert record["identity"]["config_identity"] == runs["whole"].metrics["config_identity"]
+    assert (
+        record["identity"]["config_identity"]
+        == json.loads((runs["whole"].run_dir / "metrics.json").read_text())["config_identity"]
+    )
 
 
 def test_collect_names_a_missing_fold(runs):

@@ -4,8 +4,6 @@ concurrently from threads: parent/fold runs, model, registry, review, audit, pre
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from server_helpers import free_port, stop_group
 from tracking_helpers import IDENTIFYING_DIR, tiny_factory, tiny_tracked_run, tiny_transform
 
 from medtl.config import TrackingConfig
@@ -24,25 +23,10 @@ pytestmark = pytest.mark.integration
 START_TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (own process group), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=15)
+_stop = stop_group
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,6 @@ import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from server_helpers import free_port, stop_group
 
 from medtl.tracking.store import OFFLINE_ENV
 
@@ -49,10 +48,7 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port
 
 
 def _pg_bin() -> Path:
@@ -106,18 +102,7 @@ def postgres():
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (own process group), escalating to SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=15)
+    stop_group(proc, grace_s=5)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:

@@ -80,6 +80,7 @@ def run_fold(
     run_dir: Path,
     dist: DistContext,
     log_fn: Callable[[dict, int], None] | None = None,
+    target_ds: Any | None = None,
 ) -> FoldResult:
     """Train on every other fold's patients by ``cv.selection``, predict fold ``k``; resumes
     from its last.pt. Every rank returns the same result; only rank 0 writes ``history.csv``.
@@ -96,11 +97,20 @@ def run_fold(
     val_ds = build_dataset(va, tfm.eval, data.cache_dir, cache)
     if cfg.cv.selection == "outer":  # the reported fold picks the epoch (optimistic)
         train_ds = build_dataset(tr, tfm.train, data.cache_dir, cache)
-        result = fit(cfg, model, train_ds, val_ds, workdir=workdir, log_fn=log_fn, dist=dist)
+        result = fit(
+            cfg,
+            model,
+            train_ds,
+            val_ds,
+            workdir=workdir,
+            log_fn=log_fn,
+            dist=dist,
+            target_ds=target_ds,
+        )
         out = FoldResult(k, va, result.val_probs, result.history, int(result.best_epoch))
     else:
         sel = train_selected(
-            cfg, model, tr, tfm, data.cache_dir, workdir, dist, cfg.seed + k, log_fn
+            cfg, model, tr, tfm, data.cache_dir, workdir, dist, cfg.seed + k, log_fn, target_ds
         )
         probs = predict_proba(sel.model, val_ds, cfg, dist)
         out = FoldResult(

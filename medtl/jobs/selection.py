@@ -137,6 +137,7 @@ def train_selected(
     dist: DistContext,
     seed: int,
     log_fn: Callable[[dict, int], None] | None = None,
+    target_ds: Any | None = None,
 ) -> SelectedModel:
     """Train on ``records`` by ``cv.selection`` = inner or fixed: the inner split chooses
     the epoch (inner only); the returned inner predictions fit calibration and threshold."""
@@ -148,11 +149,29 @@ def train_selected(
     train_ds = build_dataset(fit_recs, transforms.train, cache_dir, cache)
     inner_ds = build_dataset(inner, transforms.eval, cache_dir, cache)
     if cfg.cv.selection == "inner":
-        result = fit(cfg, model, train_ds, inner_ds, workdir=workdir, log_fn=log_fn, dist=dist)
+        result = fit(
+            cfg,
+            model,
+            train_ds,
+            inner_ds,
+            workdir=workdir,
+            log_fn=log_fn,
+            dist=dist,
+            target_ds=target_ds,
+        )
         inner_probs = result.val_probs
     else:
         fixed = cfg.model_copy(deep=True)
         fixed.train.early_stopping_patience = None
-        result = fit(fixed, model, train_ds, None, workdir=workdir, log_fn=log_fn, dist=dist)
+        result = fit(
+            fixed,
+            model,
+            train_ds,
+            None,
+            workdir=workdir,
+            log_fn=log_fn,
+            dist=dist,
+            target_ds=target_ds,
+        )
         inner_probs = predict_proba(result.model, inner_ds, cfg, dist)
     return SelectedModel(result.model, result.history, result.best_epoch, inner, inner_probs)

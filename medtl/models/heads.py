@@ -1,5 +1,8 @@
-"""New classification heads on pooled features: linear or a small MLP with dropout.
+"""New classification heads on pooled features: linear, a small MLP with dropout, or cosine.
 
+``cosine`` L2-normalises the features before the linear layer: with unit-norm class rows
+scaled by ``s`` and no bias it gives ``s * cosine similarity`` to each class prototype, which
+is how the few-shot classifiers (``medtl.fewshot.classifiers``) are stored as ordinary models.
 Multi-label tasks use the same head; the sigmoid is applied downstream (losses/probabilities).
 """
 
@@ -9,12 +12,22 @@ import numpy as np
 import torch
 from torch import nn
 
-HEAD_KINDS = ("linear", "mlp")
+HEAD_KINDS = ("linear", "mlp", "cosine")
+# Heads whose output layer is the only layer with weights (a linear model fits into ``fc``).
+LINEAR_HEAD_KINDS = ("linear", "cosine")
+
+
+class L2Normalize(nn.Module):
+    """Rows scaled to unit L2 norm (no parameters, so a cosine head's state dict is a linear one's)."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(f, p=2.0, dim=1, eps=1e-12)
 
 
 class ClassifierHead(nn.Module):
-    """``dropout -> fc`` (linear) or ``fc1 -> ReLU -> dropout -> fc`` (MLP); ``fc`` is always the
-    output layer, so a linear probe's coefficients or a pretrained classifier go into ``fc``."""
+    """``dropout -> fc`` (linear), ``fc1 -> ReLU -> dropout -> fc`` (MLP) or
+    ``L2-normalise -> dropout -> fc`` (cosine); ``fc`` is always the output layer, so a linear
+    probe's coefficients or a pretrained classifier go into ``fc``."""
 
     def __init__(
         self,
@@ -34,7 +47,8 @@ class ClassifierHead(nn.Module):
             fc_in = hidden
         else:
             self.fc1 = nn.Identity()
-            self.act = nn.Identity()
+            # cosine: the normalisation takes the activation's slot, so forward() serves all kinds
+            self.act = L2Normalize() if kind == "cosine" else nn.Identity()
             fc_in = in_features
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(fc_in, num_classes)
@@ -63,9 +77,12 @@ def head_from_linear(
     head: ClassifierHead, coef: np.ndarray | torch.Tensor, intercept: np.ndarray | torch.Tensor
 ) -> ClassifierHead:
     """Copy a fitted linear model (e.g. scikit-learn ``coef_`` (C, F), ``intercept_`` (C,))
-    into a linear head, in place. Raises ValueError for an MLP head or mismatched shapes."""
-    if head.kind != "linear":
-        raise ValueError("head_from_linear needs a linear head (model.head=linear)")
+    into a linear (or cosine) head, in place. Raises ValueError for an MLP head or mismatched
+    shapes."""
+    if head.kind not in LINEAR_HEAD_KINDS:
+        raise ValueError(
+            f"head_from_linear needs a linear head (model.head=linear or cosine), got {head.kind}"
+        )
     w = torch.as_tensor(np.asarray(coef), dtype=head.fc.weight.dtype)
     b = torch.as_tensor(np.asarray(intercept), dtype=head.fc.bias.dtype).reshape(-1)
     if w.shape != head.fc.weight.shape or b.shape != head.fc.bias.shape:

@@ -118,7 +118,11 @@ def stage_code(dst: str | Path) -> Path:
     """Copy the running medtl package to ``dst/medtl`` (no bytecode) with its build info."""
     src = Path(medtl.__file__).resolve().parent
     out = Path(dst) / "medtl"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", "_build_info.py")
+    # demo_data.py writes the demo's fake identifiers (names, MRNs, stations) as test PHI: a
+    # served model never needs it, and the store's PHI search must find none of them.
+    ignore = shutil.ignore_patterns(
+        "__pycache__", "*.pyc", "*.pyo", "_build_info.py", "demo_data.py", "demo.py"
+    )
     shutil.copytree(src, out, ignore=ignore)
     (out / "_build_info.py").write_text(_build_info_text())
     return out

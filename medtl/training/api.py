@@ -46,6 +46,7 @@ def fit(
     log_fn: Callable[[dict, int], None] | None = None,
     resume: bool = True,
     dist: DistContext | None = None,
+    target_ds: Any | None = None,
 ) -> FitResult:
     """Train ``model`` with the strategy ``cfg.strategy.name`` and return the best epoch's model.
 
@@ -58,6 +59,8 @@ def fit(
         log_fn: called as ``log_fn(metrics, epoch)`` on rank 0 after each epoch (e.g. MLflow).
         resume: continue from ``workdir/last.pt`` when present.
         dist: torchrun context (``init_distributed()``); None = single process.
+        target_ds: unlabelled target-site images for a joint ``domain_adaptation.method``
+            (coral, dann); ignored otherwise.
     Returns:
         FitResult with ``val_probs`` (N_val, C) in ``val_ds`` order (identical on every rank).
     """
@@ -66,7 +69,7 @@ def fit(
         model,
         train_ds,
         val_ds,
-        get_strategy(cfg),
+        get_strategy(cfg, target_ds),
         workdir=Path(workdir),
         log_fn=log_fn,
         dist=dist,

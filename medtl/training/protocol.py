@@ -44,3 +44,11 @@ class Strategy(Protocol):
     def train(self, engine: Engine) -> None:
         """Run the whole training (the engine's loop, or a replacement for it)."""
         ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trainable state the strategy owns outside the model (saved in last.pt)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, on resume."""
+        ...

@@ -21,6 +21,7 @@ from torch import nn
 from medtl.config import PipelineConfig
 from medtl.errors import ConfigError, look_up_option
 from medtl.models.model import MedtlModel
+from medtl.training.protocol import Strategy
 
 if TYPE_CHECKING:
     from medtl.training.engine import Engine
@@ -102,6 +103,13 @@ class BaseStrategy:
     def train(self, engine: Engine) -> None:
         """Run the training; every strategy but feature extraction uses the engine's loop."""
         engine.run_loop()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing outside the model: plain strategies keep no trainable state of their own."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (see ``state_dict``)."""
 
 
 class FineTune(BaseStrategy):
@@ -190,14 +198,37 @@ class FeatureExtraction(BaseStrategy):
         run_feature_extraction(engine)
 
 
+class FewShot(BaseStrategy):
+    """Few-shot: a classifier fitted on embeddings of a handful of patients by `medtl fewshot`
+    (``medtl.fewshot``), never by the engine's loop or cross-validation."""
+
+    name = "few_shot"
+
+    def train(self, engine: Engine) -> None:
+        raise ConfigError(
+            "strategy.name=few_shot is fitted by `medtl fewshot` (patient-level episodes and a "
+            "support set), not by the training loop; use `medtl fewshot --support S --query Q`"
+        )
+
+
 STRATEGIES: dict[str, type[BaseStrategy]] = {
     "feature_extraction": FeatureExtraction,
     "fine_tune": FineTune,
     "gradual_unfreeze": GradualUnfreeze,
     "lp_ft": LinearProbeFineTune,
+    "few_shot": FewShot,
 }
 
 
-def get_strategy(cfg: PipelineConfig) -> BaseStrategy:
-    """The strategy object named by ``cfg.strategy.name``."""
-    return STRATEGIES[look_up_option(cfg.strategy.name, STRATEGIES, "strategy.name")](cfg)
+def get_strategy(cfg: PipelineConfig, target_ds: Any = None) -> Strategy:
+    """The strategy object named by ``cfg.strategy.name``; with a joint domain-adaptation
+    method (coral, dann) and target images, wrapped so each step also sees a target batch."""
+    from medtl.training.adaptation import ADAPTATION_METHODS
+
+    base = STRATEGIES[look_up_option(cfg.strategy.name, STRATEGIES, "strategy.name")](cfg)
+    method = ADAPTATION_METHODS[cfg.domain_adaptation.method]
+    if method.kind != "joint" or target_ds is None:
+        return base
+    from medtl.training.domain import JointAdaptation
+
+    return JointAdaptation(base, cfg, target_ds)

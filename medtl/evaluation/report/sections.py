@@ -32,6 +32,7 @@ from medtl.evaluation.report.formatting import (
     format_ci,
 )
 from medtl.evaluation.report.gallery import gallery_section
+from medtl.evaluation.report.target import target_section
 
 # When run_info gives no threshold_source (medtl.pipeline gives one unless a single fold ran).
 DEFAULT_THRESHOLD_SOURCE = "each fold's own validation predictions (the out-of-fold predictions)"
@@ -89,8 +90,7 @@ def title_section(ctx: ReportContext) -> list[Block]:
         (cfg.description or "Transfer-learning classifier").rstrip(".")
         + f". A {cfg.model.backbone} network pretrained on "
         + f"{cfg.model.weights or 'no pretrained weights'} was adapted with the "
-        + f"'{cfg.strategy.name}' strategy and assessed by {cfg.cv.folds}-fold "
-        "cross-validation grouped by patient (no patient in two folds)."
+        + f"'{cfg.strategy.name}' strategy and assessed by {_cv_phrase(cfg)}."
     )
     return [Heading(1, ctx.title), Paragraph(intro)]
 
@@ -381,10 +381,44 @@ def calibration_section(ctx: ReportContext) -> list[Block]:
 
 
 # ----------------------------------------------------------------------------- subgroups
+def _cv_phrase(cfg: PipelineConfig) -> str:
+    """How the folds were made, in words (patient-grouped k-fold or leave-one-group-out)."""
+    by = cfg.cv.group_by
+    if by:
+        return (
+            f"leave-one-{by}-out cross-validation over {cfg.cv.folds} {by} values (each {by} "
+            f"scored by a model that never saw it; no patient in two folds)"
+        )
+    return f"{cfg.cv.folds}-fold cross-validation grouped by patient (no patient in two folds)"
+
+
+def _held_out_folds(ctx: ReportContext) -> dict[str, int]:
+    """Leave-one-group-out runs: each ``cv.group_by`` value and the fold that held it out."""
+    by = ctx.cfg.cv.group_by
+    if not by or not ctx.has_folds or by not in ctx.pred.columns or "fold" not in ctx.pred:
+        return {}
+    folds = ctx.pred.groupby(ctx.pred[by].astype(str))["fold"].unique()
+    return {str(v): int(f[0]) for v, f in folds.items() if len(f) == 1}
+
+
+def _held_out_note(ctx: ReportContext, held: Mapping[str, int]) -> Paragraph:
+    by = ctx.cfg.cv.group_by
+    return Paragraph(
+        f"Leave-one-{by}-out (cv.group_by={by}): each {by} row holds the predictions of the "
+        f"fold that held that {by} out, made by a model trained on the other {by} values only, "
+        f"so it estimates performance at a {by} the model never saw; compare the rows to see "
+        f"the shift between {by} values. Folds: "
+        + ", ".join(f"{v} = fold {k}" for v, k in sorted(held.items(), key=lambda x: x[1]))
+        + "."
+    )
+
+
 def subgroups_section(ctx: ReportContext) -> list[Block]:
-    """Metrics per value of each configured subgroup column, and the columns not found."""
+    """Metrics per value of each configured subgroup column, and the columns not found; under
+    leave-one-group-out CV the group rows are labelled with the fold that held them out."""
     m = ctx.metrics
     blocks: list[Block] = [Heading(2, "Subgroups")]
+    held = _held_out_folds(ctx)
     if m["subgroups"]:
         header = ["subgroup", "value", "images", "patients", "positive images"] + [
             METRIC_LABELS[k] for k in SUBGROUP_COLUMNS
@@ -397,11 +431,16 @@ def subgroups_section(ctx: ReportContext) -> list[Block]:
                     if "n_pos" in blk
                     else ", ".join(f"{c}: {pc['n_pos']}" for c, pc in blk["per_class"].items())
                 )
+                shown = v
+                if col == ctx.cfg.cv.group_by and str(v) in held:
+                    shown = f"{v} (held out, fold {held[str(v)]})"
                 rows.append(
-                    [col, v, blk["n"], blk["n_patients"], n_pos]
+                    [col, shown, blk["n"], blk["n_patients"], n_pos]
                     + [format_ci(blk["summary"][k]) for k in SUBGROUP_COLUMNS]
                 )
         blocks.append(Table(header, rows))
+        if held:
+            blocks.append(_held_out_note(ctx, held))
     else:
         blocks.append(Paragraph("No subgroup columns were available."))
     if m.get("subgroups_missing"):
@@ -472,6 +511,15 @@ def _data_note(ctx: ReportContext) -> str:
     m = ctx.metrics
     sites = (m.get("subgroups") or {}).get("site") or {}
     where = f" from {len(sites)} site(s)" if sites else ""
+    if ctx.cfg.cv.group_by:
+        by = ctx.cfg.cv.group_by
+        return (
+            f"Retrospective validation by {_cv_phrase(ctx.cfg)}, on {m['n_images']} images "
+            f"from {m['n_patients']} patients{where}. Each {by}'s results come from a model "
+            f"that never saw that {by}, a proxy for a new {by}; sites, scanners or populations "
+            "unlike these are not covered, and prospective validation is needed before "
+            "clinical use."
+        )
     return (
         f"Retrospective internal validation: {ctx.cfg.cv.folds}-fold cross-validation on one "
         f"dataset of {m['n_images']} images from {m['n_patients']} patients{where}. Performance on "
@@ -577,7 +625,12 @@ def _config_rows(cfg: PipelineConfig, weights: Mapping[str, Any]) -> list[list[s
         ["transfer strategy", cfg.strategy.name],
         ["preprocessing", f"{cfg.transforms.preset}, size {cfg.transforms.spatial_size}"],
         ["epochs (max) / batch size", f"{cfg.train.epochs} / {cfg.train.batch_size}"],
-        ["cross-validation", f"{cfg.cv.folds} folds, grouped by patient, seed {cfg.seed}"],
+        [
+            "cross-validation",
+            f"{cfg.cv.folds} folds, leave one {cfg.cv.group_by} out, seed {cfg.seed}"
+            if cfg.cv.group_by
+            else f"{cfg.cv.folds} folds, grouped by patient, seed {cfg.seed}",
+        ],
     ]
 
 
@@ -611,6 +664,7 @@ SECTIONS: list[Section] = [
     calibration_section,
     gallery_section,
     subgroups_section,
+    target_section,
     quarantine_section,
     limitations_section,
     run_section,

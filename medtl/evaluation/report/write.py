@@ -251,6 +251,8 @@ def write_report(
         "final": json_threshold(run_info.get("final_threshold")),
     }
     metrics["config_identity"] = cfg.identity()
+    if run_info.get("target"):  # domain adaptation: the target site before and after
+        metrics["target"] = run_info["target"]
     ctx = ReportContext(
         out_dir=Path(out_dir),
         title=f"medtl report: {cfg.name}",
