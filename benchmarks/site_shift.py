@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -104,6 +105,9 @@ def write_results(rows: list[dict[str, Any]], out: Path) -> None:
         "DeLong p.",
         "",
         f"Config: `{json.dumps(DEMO_ADAPT_TEST_CONFIG)}`; data: `{json.dumps(rows[0]['data'])}`.",
+        "",
+        f"Train times are wall seconds on the machine that ran it ({os.cpu_count()} CPU cores, "
+        f"1-minute load average {os.getloadavg()[0]:.1f} when written: shared machines run slower).",
         "",
         "| seed | source val AUROC | site C AUROC, no adaptation | gap | site C AUROC, AdaBN "
         "| AdaBN − none (paired CI; DeLong p) | train (s) |",

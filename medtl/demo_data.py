@@ -590,6 +590,25 @@ def _write_target_site(
     return tree, labelled, unlabelled
 
 
+def _write_info(
+    root: Path, n_patients: int, image_size: int, seed: int, target_patients: int
+) -> None:
+    """``demo_info.json``: how the dataset was made (no identifiers)."""
+    info = {
+        "generator": "medtl.demo_data.make_demo_data",
+        "n_patients": n_patients,
+        "image_size": image_size,
+        "seed": seed,
+        "classes": list(DEMO_CLASSES),
+        "pseudonym_salt": DEMO_SALT,
+        "note": "synthetic phantoms; every name, ID, date and UID is fake",
+    }
+    if target_patients:  # only then, so a demo without site C keeps its old info file
+        info["target_patients"] = target_patients
+        info["target_site"] = _TARGET_SITE.name
+    (root / "demo_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def make_demo_data(
     out_dir: str | Path,
     n_patients: int = 40,
@@ -659,19 +678,7 @@ def make_demo_data(
     if target_patients:
         target = _write_target_site(root, target_patients, image_size, seed, mrns, accessions)
 
-    info = {
-        "generator": "medtl.demo_data.make_demo_data",
-        "n_patients": n_patients,
-        "image_size": image_size,
-        "seed": seed,
-        "classes": list(DEMO_CLASSES),
-        "pseudonym_salt": DEMO_SALT,
-        "note": "synthetic phantoms; every name, ID, date and UID is fake",
-    }
-    if target_patients:  # only then, so a demo without site C keeps its old info file
-        info["target_patients"] = target_patients
-        info["target_site"] = _TARGET_SITE.name
-    (root / "demo_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    _write_info(root, n_patients, image_size, seed, target_patients)
     return DemoData(
         root=root,
         dicom_dir=dicom_dir,

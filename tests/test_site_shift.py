@@ -63,8 +63,8 @@ def test_site_c_is_its_own_export_with_new_patients(small_pair):
     # A different scanner: coarser matrix, wider pixels, more MONOCHROME1 files.
     ds_c = [pydicom.dcmread(with_c.root / p) for p in target["image"]]
     ds_a = pydicom.dcmread(with_c.root / source["image"].iloc[0])
-    assert {d.Rows for d in ds_c} == {32} and ds_a.Rows == 64
-    assert float(ds_c[0].PixelSpacing[0]) == pytest.approx(2 * float(ds_a.PixelSpacing[0]))
+    assert {d.Rows for d in ds_c} == {48} and ds_a.Rows == 64
+    assert float(ds_c[0].PixelSpacing[0]) == pytest.approx(64 / 48 * float(ds_a.PixelSpacing[0]))
     assert {d.InstitutionName for d in ds_c} == {"Lakeside Valley Community Hospital"}
     mono1 = sum(d.PhotometricInterpretation == "MONOCHROME1" for d in ds_c)
     assert mono1 == round(0.5 * len(ds_c))
@@ -195,9 +195,10 @@ def source_model(tmp_path_factory):
 
 def test_site_c_gap_without_adaptation_and_adabn_raises_it(source_model):
     src = source_model
-    assert src.source_auroc >= 0.75, src.source_auroc  # the source model learned the task
+    # Calibrated (benchmarks/results/site_shift.md, seed 0): source 0.76, site C 0.47, AdaBN 0.71.
+    assert src.source_auroc >= 0.7, src.source_auroc  # the source model learned the task
     assert src.target_auroc <= src.source_auroc - 0.1, (src.source_auroc, src.target_auroc)
     after = adabn_target_auroc(src)
-    assert after >= src.target_auroc + 0.05, (src.target_auroc, after)
+    assert after >= src.target_auroc + 0.1, (src.target_auroc, after)
     # AdaBN adapted a copy: the shared source model keeps its own statistics.
     assert src.fresh_model() is not src.model
