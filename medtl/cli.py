@@ -602,16 +602,10 @@ def _print_fewshot_episodes(con, res) -> None:
 
 
 def _print_fewshot_fit(con, fit) -> None:
-    from rich.table import Table
+    from medtl.jobs.summary import print_headline_table
 
-    from medtl.evaluation.report import headline_rows
-
-    table = Table(title="few-shot model on the query patients (patient-bootstrap 95% CI)")
-    table.add_column("metric")
-    table.add_column("value")
-    for name, value in headline_rows(fit.metrics):
-        table.add_row(name, value)
-    con.print(table)
+    title = "few-shot model on the query patients (patient-bootstrap 95% CI)"
+    print_headline_table(con, title, fit.metrics)
     con.print(f"report:      {fit.report_html}")
     con.print(f"model:       {fit.bundle_dir}  (medtl predict --model {fit.bundle_dir} ...)")
     if fit.parent_run_id:

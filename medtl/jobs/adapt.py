@@ -145,7 +145,7 @@ def _score_arms(bundle: Any, adapted: Any, dataset: Any, cfg: PipelineConfig) ->
         "before": predict_proba(bundle.model, dataset, cfg),
         "after": predict_proba(adapted, dataset, cfg),
     }
-    extra = [c for c in cfg.evaluation.subgroups]
+    extra = list(cfg.evaluation.subgroups)
     return ArmSet(bundle.classes, bundle.task, extra, raw, {"before": point, "after": point})
 
 
