@@ -45,23 +45,15 @@ class PassResult:
 
 def inference_device(spec: str) -> torch.device:
     """``auto`` (a GPU when one is visible), ``cpu``, ``cuda`` or ``cuda:N``; ConfigError naming
-    the flag for anything else or for CUDA without a GPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(
-            f"--device '{spec}' is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
+    the flag for anything else, for CUDA without a GPU, or for a GPU this machine lacks."""
+    from medtl.training.distributed import resolve_device
+
+    dev = resolve_device(spec, key="--device")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device '{spec}' is not supported; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device '{spec}' asks for CUDA but no GPU is visible; use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            n = torch.cuda.device_count()
-            raise ConfigError(f"--device '{spec}': this machine has {n} GPU(s), cuda:0..{n - 1}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"--device '{spec}': this machine has {n} GPU(s), cuda:0..{n - 1}")
     return dev
 
 

@@ -91,13 +91,16 @@ def read_target_records(
             {"image": p, "label": UNLABELLED, "patient_id": str(pid), "row": i}
             for i, (p, pid) in enumerate(zip(df["path"], df[dcfg.patient_column], strict=True))
         ]
-    image_of = manifest.df["image"].to_numpy()
-    site_col = cfg.cv.group_by if getattr(cfg.cv, "group_by", None) else "site"
+    df = manifest.df
+    image_of = df["image"].to_numpy()
+    site_col = cfg.cv.group_by or "site"
+    # Whole columns once; a per-record .iloc builds a pandas Series each time.
+    site_of = df[site_col].to_numpy() if site_col in df.columns else None
     for r in records:
         r["image_rel"] = str(image_of[r["row"]])
         r["fold"], r["split"] = -1, "target"
-        if site_col in manifest.df.columns:
-            r[site_col] = str(manifest.df[site_col].iloc[r["row"]])
+        if site_of is not None:
+            r[site_col] = str(site_of[r["row"]])
     check_disjoint(source_records, records, str(path))
     return records, labelled, report.content_hash
 

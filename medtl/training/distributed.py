@@ -40,8 +40,11 @@ class DistContext:
             tdist.barrier()
 
 
-def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """Turn ``auto|cpu|cuda|cuda:N`` into a device; ``auto`` picks this rank's GPU when present."""
+def resolve_device(
+    spec: str = "auto", local_rank: int = 0, key: str = "train.device"
+) -> torch.device:
+    """Turn ``auto|cpu|cuda|cuda:N`` into a device; ``auto`` picks this rank's GPU when present.
+    Errors name ``key``, the setting or flag the value came from."""
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -50,11 +53,11 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         dev = torch.device(spec)
     except RuntimeError:
         raise ConfigError(
-            f"train.device '{spec}' is not a device; use auto, cpu, cuda or cuda:N"
+            f"{key} '{spec}' is not a device; use auto, cpu, cuda or cuda:N"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"train.device '{spec}' asks for CUDA but no GPU is visible; set train.device=cpu or auto"
+            f"{key} '{spec}' asks for CUDA but no GPU is visible; set {key}=cpu or auto"
         )
     return dev
 
