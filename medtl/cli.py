@@ -48,7 +48,13 @@ def _friendly(fn):
 
 
 def _inference_options(fn):
-    """--device and --batch-size, shared by predict and evaluate."""
+    """--device, --batch-size and --allow-burned-in, shared by predict and evaluate."""
+    fn = click.option(
+        "--allow-burned-in",
+        is_flag=True,
+        help="Read DICOM images whose BurnedInAnnotation (0028,0301) is YES (pixels may "
+        "show names); by default they are listed as refused, never read or rendered.",
+    )(fn)
     fn = click.option(
         "--batch-size",
         default=32,
@@ -355,12 +361,13 @@ def evaluate(
     allow_overlap: bool,
     device: str,
     batch_size: int,
+    allow_burned_in: bool,
 ) -> None:
     """The clinical report for a trained model on held-out data."""
     from medtl.evaluation.heldout import evaluate_model
     from medtl.prediction import PassOptions
 
-    opts = PassOptions(device=device, batch_size=batch_size)
+    opts = PassOptions(device=device, batch_size=batch_size, allow_burned_in=allow_burned_in)
     paths = evaluate_model(model_ref, manifest_path, out, allow_overlap=allow_overlap, options=opts)
     click.echo(f"report: {paths.html}")
 
@@ -458,6 +465,7 @@ def predict(
     strict: bool,
     device: str,
     batch_size: int,
+    allow_burned_in: bool,
 ) -> None:
     """Batch prediction on a manifest or a folder of images; writes a CSV with provenance.
 
@@ -466,9 +474,12 @@ def predict(
     """
     from medtl.inference import predict_for_use
     from medtl.prediction import PassOptions
+    from medtl.spreadsheet import write_csv
 
     cam = Path(gradcam_dir) if gradcam_dir else None
-    opts = PassOptions(device=device, batch_size=batch_size, gradcam_dir=cam)
+    opts = PassOptions(
+        device=device, batch_size=batch_size, gradcam_dir=cam, allow_burned_in=allow_burned_in
+    )
     res = predict_for_use(
         model_ref, input_path, allow_unapproved=allow_unapproved, strict=strict, options=opts
     )
@@ -478,7 +489,7 @@ def predict(
     if not res.profile_checked:
         click.echo("warning: the model has no training input profile; inputs not checked", err=True)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out, index=False)
+    write_csv(df, out)  # text cells cannot run as spreadsheet formulas (medtl.spreadsheet)
     if by_column:
         _write_group_rows(bundle, df, input_path, by_column, Path(out))
     if gradcam_dir:  # made in the prediction pass, from the same decoded images
@@ -513,7 +524,9 @@ def _write_group_rows(bundle, df, input_path: str, column: str, out: Path) -> No
     groups = pd.Series([by_image.get(str(i)) for i in df["image"]], index=df.index)
     rows = group_predictions(df, groups, bundle).rename(columns={"group": column})
     dest = out.with_name(f"{out.stem}_by_{column}{out.suffix}")
-    rows.to_csv(dest, index=False)
+    from medtl.spreadsheet import write_csv
+
+    write_csv(rows, dest)
     click.echo(f"{len(rows)} {column} rows written to {dest}")
 
 

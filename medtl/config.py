@@ -44,6 +44,13 @@ class DataConfig(_Section):
     # cache=disk: packed = memory-mapped shards (fast reads), persistent = MONAI .pt files
     cache_store: Literal["packed", "persistent"] = "packed"
     decode_timeout_s: float = Field(300.0, gt=0)  # a file decoding longer is quarantined
+    # A header implying more float32 pixel bytes than this is refused before decoding
+    # (medtl.io.base.DEFAULT_MAX_IMAGE_BYTES, 2 GiB: a 2,000-slice 512x512 CT fits).
+    max_image_bytes: int = Field(2 * 2**30, gt=0)
+    # DICOM BurnedInAnnotation (0028,0301) = YES: names can be drawn into the pixels, where
+    # no header whitelist sees them. quarantine: leave such images out (the default);
+    # allow: use them (galleries, Grad-CAM and MLflow artifacts then show their pixels).
+    burned_in_annotation: Literal["quarantine", "allow"] = "quarantine"
     # Random augmentation: per image in the loader workers (cpu) or as tensor ops on the batch
     # after the host->device copy (cuda, medtl/augment.py); auto = cuda when training on CUDA.
     augment_device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -270,7 +270,10 @@ def labels_from_probs(
     ]
 
 
-def _default_transform(bundle: Bundle) -> Callable[[dict], dict]:
+def _default_transform(bundle: Bundle, allow_burned_in: bool = False) -> Callable[[dict], dict]:
+    """The bundle's deterministic transforms. Burned-in annotation is refused unless this call
+    allows it: a training run's own choice does not carry over to where a model is used."""
+    from medtl.io.base import ReadPolicy
     from medtl.transforms import build_transforms
 
     preprocess = getattr(bundle.model, "preprocess", None)
@@ -279,8 +282,11 @@ def _default_transform(bundle: Bundle) -> Callable[[dict], dict]:
 
         preprocess = get_backbone_spec(bundle.cfg.model.backbone).preprocess
     mcfg = bundle.cfg.model
+    policy = ReadPolicy(
+        bundle.cfg.data.max_image_bytes, "allow" if allow_burned_in else "quarantine"
+    )
     pair = build_transforms(
-        bundle.cfg.transforms, preprocess, mcfg.in_channels, mcfg.channel_adapt, train=False
+        bundle.cfg.transforms, preprocess, mcfg.in_channels, mcfg.channel_adapt, False, policy
     )
     return pair.deterministic
 
@@ -399,8 +405,9 @@ def _predict_items(
     not read and keep the reason in ``error``."""
     from medtl.prediction import PassOptions, run_pass
 
-    tf = transform or _default_transform(bundle)
-    res = run_pass(bundle, items, tf, options or PassOptions(), refused=refused, on_item=on_item)
+    options = options or PassOptions()
+    tf = transform or _default_transform(bundle, options.allow_burned_in)
+    res = run_pass(bundle, items, tf, options, refused=refused, on_item=on_item)
     out = _prediction_frame(bundle, items, res.logits, res.errors)
     out.attrs["gradcams"] = [str(p) for p in res.gradcams]
     return out

@@ -15,8 +15,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from medtl.errors import ConfigError, UnreadableImageError
-from medtl.preparation.quarantine import QuarantineEntry, quarantine_reason, root_cause
+from medtl.errors import ConfigError
+from medtl.preparation.quarantine import QuarantineEntry
 
 OnItem = Callable[[int, Mapping[Hashable, Any]], None]
 
@@ -31,6 +31,8 @@ class PassOptions:
     progress: bool = True
     gradcam_dir: Path | None = None  # write <row>_<class>.png overlays here (2D models)
     gradcam_class: str | None = None  # default: positive class (binary), else the prediction
+    # read DICOM images whose header says BurnedInAnnotation YES (default: refused unread)
+    allow_burned_in: bool = False
 
 
 @dataclass
@@ -55,21 +57,6 @@ def inference_device(spec: str) -> torch.device:
         n = torch.cuda.device_count()
         raise ConfigError(f"--device '{spec}': this machine has {n} GPU(s), cuda:0..{n - 1}")
     return dev
-
-
-class ReportEveryFailure:
-    """The deterministic transforms, with any failure on one input turned into that input's
-    ``UnreadableImageError``: at prediction time a bad input is listed, whatever went wrong,
-    and the other inputs are still predicted. (Picklable: it runs in the decoding processes.)"""
-
-    def __init__(self, transform: Any):
-        self.transform = transform
-
-    def __call__(self, item: dict) -> Any:
-        try:
-            return self.transform(item)
-        except Exception as err:  # noqa: BLE001 - every failure is this input's own
-            raise UnreadableImageError(item["image"], quarantine_reason(root_cause(err))) from err
 
 
 class _Batcher:
@@ -171,8 +158,8 @@ def run_pass(
     batcher = _Batcher(model, device, opts, _make_cam(bundle, model, opts))
     batcher.classes, batcher.task = list(bundle.classes), bundle.task
     workers = resolve_workers(opts.workers, len(todo)) if _picklable(transform) else 0
-    tf = ReportEveryFailure(transform)
-    stream = decode_stream([{"image": str(items[i][1])} for i in todo], tf, workers)
+    # Every failure on one input (reader or transforms) comes back as its QuarantineEntry.
+    stream = decode_stream([{"image": str(items[i][1])} for i in todo], transform, workers)
     with PrepareProgress(len(todo), "predicting", opts.progress) as bar:
         # Results arrive in completion order; they are batched in input order, so batches
         # (and their floating-point sums) are the same whatever the worker count.

@@ -41,8 +41,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medtl.config import TransformConfig, WindowConfig
+from medtl.config import DataConfig, TransformConfig, WindowConfig
 from medtl.errors import ConfigError, UnreadableImageError, look_up_option
+from medtl.io.base import ReadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -399,10 +400,17 @@ class LoadMedtld(MapTransform):
     the leakage checks get every image's content hash without decoding it again.
     """
 
-    def __init__(self, keys: Any, reorient: str | None = None, hash_key: str | None = None):
+    def __init__(
+        self,
+        keys: Any,
+        reorient: str | None = None,
+        hash_key: str | None = None,
+        policy: ReadPolicy | None = None,
+    ):
         super().__init__(keys)
         self.reorient = reorient
         self.hash_key = hash_key
+        self.policy = policy or ReadPolicy()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from monai.data import MetaTensor
@@ -412,7 +420,7 @@ class LoadMedtld(MapTransform):
 
         d = dict(data)
         for key in self.key_iterator(d):
-            img = load_image(d[key])
+            img = load_image(d[key], policy=self.policy)
             if self.hash_key is not None:
                 d[self.hash_key] = pixel_sha256(img)
             if self.reorient:
@@ -424,8 +432,13 @@ class LoadMedtld(MapTransform):
         return d
 
 
-def _loader(reorient: str | None = None) -> LoadMedtld:
-    return LoadMedtld("image", reorient=reorient, hash_key=PIXEL_HASH_DATA_KEY)
+def read_policy(dcfg: DataConfig) -> ReadPolicy:
+    """The readers' refusals from ``cfg.data`` (max_image_bytes, burned_in_annotation)."""
+    return ReadPolicy(dcfg.max_image_bytes, dcfg.burned_in_annotation)
+
+
+def _loader(policy: ReadPolicy, reorient: str | None = None) -> LoadMedtld:
+    return LoadMedtld("image", reorient=reorient, hash_key=PIXEL_HASH_DATA_KEY, policy=policy)
 
 
 def _size(tcfg: TransformConfig, dims: int) -> tuple[int, ...]:
@@ -443,6 +456,7 @@ def build_transforms(
     in_channels: int = 1,
     channel_adapt: str = "fold_sum",
     train: bool = False,
+    read_policy: ReadPolicy | None = None,
 ) -> TransformPair:
     """The preset's deterministic (cached) and random (train-only) MONAI transforms.
 
@@ -453,10 +467,13 @@ def build_transforms(
         channel_adapt: ``cfg.model.channel_adapt``; ``repeat`` repeats grey to the
             pretrained channel count, the ``fold_*`` modes feed ``in_channels`` as they are.
         train: include augmentation (``tcfg.augment``) in ``random``; eval gets an empty one.
+        read_policy: what the reader refuses (``read_policy(cfg.data)``); default: 2 GiB
+            images at most, burned-in annotation quarantined.
 
     Raises:
         ConfigError: an unknown preset/window, or channels that do not fit the preset.
     """
+    policy = read_policy or ReadPolicy()
     preset = look_up_option(tcfg.preset, PRESETS, "transforms.preset")
     look_up_option(tcfg.augment, AUGMENTS, "transforms.augment")
     window = resolve_window(tcfg.window)
@@ -468,7 +485,7 @@ def build_transforms(
     if preset == "cxr_2d":
         size = _size(tcfg, 2)
         det = [
-            _loader(),
+            _loader(policy),
             ToChannelsd("image", 1 if in_channels == 1 else chans),
             Windowd("image", window, pct),
             FitResized("image", size, mode=interp),
@@ -484,7 +501,7 @@ def build_transforms(
                 f"inputs but model.in_channels={in_channels}; set model.in_channels={tcfg.slices}"
             )
         det = [
-            _loader(reorient=tcfg.orientation),
+            _loader(policy, reorient=tcfg.orientation),
             Windowd("image", window, pct),
             SelectSlicesd("image", tcfg.slices),
             FitResized("image", size, mode=interp),
@@ -494,7 +511,7 @@ def build_transforms(
         rand = _augment_2d(tcfg.augment)
     else:  # ct_3d
         size = _size(tcfg, 3)
-        det = [_loader()]
+        det = [_loader(policy)]
         if tcfg.orientation:
             det.append(Orientationd("image", axcodes=tcfg.orientation, labels=_RAS_LABELS))
         if tcfg.pixdim:
@@ -518,16 +535,21 @@ def build_transforms(
     return TransformPair(
         deterministic=Compose(det),
         random=Compose(random_ops),
-        cache_key=transform_cache_key(tcfg, preprocess, in_channels, channel_adapt),
+        cache_key=transform_cache_key(tcfg, preprocess, in_channels, channel_adapt, policy),
         out_channels=chans,
     )
 
 
 def transform_cache_key(
-    tcfg: TransformConfig, preprocess: Any, in_channels: int = 1, channel_adapt: str = "fold_sum"
+    tcfg: TransformConfig,
+    preprocess: Any,
+    in_channels: int = 1,
+    channel_adapt: str = "fold_sum",
+    policy: ReadPolicy | None = None,
 ) -> str:
     """sha256 of everything that shapes the deterministic output (augmentation excluded),
-    plus ``TRANSFORMS_VERSION``: the on-disk cache folder name."""
+    plus ``TRANSFORMS_VERSION``: the on-disk cache folder name. The burned-in policy is part
+    of it: a cache filled while such images were allowed must not let them in once refused."""
     t = tcfg.model_dump(mode="json")
     t.pop("augment", None)
     pre: dict[str, Any] | str
@@ -544,4 +566,6 @@ def transform_cache_key(
         "in_channels": int(in_channels),
         "channel_adapt": channel_adapt,
     }
+    if policy is not None and policy.burned_in_annotation != "quarantine":
+        blob["burned_in_annotation"] = policy.burned_in_annotation
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()

@@ -115,10 +115,13 @@ def backbone_variants(
 
 def eval_transforms(cfg: PipelineConfig, model: MedtlModel) -> TransformPair:
     """The deterministic transforms from the model's preprocessing contract."""
-    from medtl.transforms import build_transforms
+    from medtl.transforms import build_transforms, read_policy
 
     m = cfg.model
-    return build_transforms(cfg.transforms, model.preprocess, m.in_channels, m.channel_adapt, False)
+    return build_transforms(
+        cfg.transforms, model.preprocess, m.in_channels, m.channel_adapt, False,
+        read_policy(cfg.data),
+    )  # fmt: skip
 
 
 def decode(

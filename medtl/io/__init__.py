@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from medtl.io.base import PIXEL_HASH_KEY, ImageMeta, LoadedImage, pixel_sha256, reorient
+from medtl.io.base import (
+    DEFAULT_POLICY,
+    PIXEL_HASH_KEY,
+    ImageMeta,
+    LoadedImage,
+    ReadPolicy,
+    pixel_sha256,
+    reorient,
+)
 from medtl.io.dicom import DECODER_PREFERENCE, is_dicom, load_dicom, read_dicom_header
 from medtl.io.image import load_png_jpeg
 from medtl.io.nifti import load_nifti
@@ -20,8 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODER_PREFERENCE",
+    "DEFAULT_POLICY",
     "PIXEL_HASH_KEY",
     "READERS",
+    "ReadPolicy",
     "ImageMeta",
     "LoadedImage",
     "MedtlReader",

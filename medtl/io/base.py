@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import numpy as np
 
-from medtl.errors import MedtlError
+from medtl.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,26 @@ class LoadedImage:
     meta: ImageMeta
 
 
+#: The largest decoded image (float32 bytes) a header may ask for: 2 GiB holds a 2,000-slice
+#: 512x512 CT series; a header asking for more is corrupt far more often than it is real.
+DEFAULT_MAX_IMAGE_BYTES = 2 * 2**30
+BurnedIn = Literal["quarantine", "allow"]
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What a reader refuses before decoding (``data.max_image_bytes``,
+    ``data.burned_in_annotation``); picklable, so it travels to the decoding processes."""
+
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # DICOM BurnedInAnnotation (0028,0301) = YES: pixels may show names the header
+    # whitelist cannot remove. quarantine = leave the file out; allow = use it.
+    burned_in_annotation: BurnedIn = "quarantine"
+
+
+DEFAULT_POLICY = ReadPolicy()
+
+
 # The record key of an image's ``pixel_sha256`` (``medtl.data`` records, leakage checks).
 PIXEL_HASH_KEY = "image_sha256"
 
@@ -110,7 +131,7 @@ def reorient(image: LoadedImage, axcodes: str = "RAS") -> LoadedImage:
     codes = tuple(str(axcodes).upper())
     pairs = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
     if len(codes) != 3 or sorted(pairs.get(c, -1) for c in codes) != [0, 1, 2]:
-        raise MedtlError(
+        raise ConfigError(
             f"invalid orientation '{axcodes}': give three letters, one from each pair "
             "R/L, A/P, S/I, e.g. 'RAS' or 'LPS'"
         )

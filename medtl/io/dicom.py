@@ -27,7 +27,8 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, convert_color_sp
 from pydicom.pixels.utils import as_pixel_options, get_nr_frames
 
 from medtl.errors import UnreadableImageError
-from medtl.io.base import ImageMeta, LoadedImage, affine_tuple
+from medtl.io.base import DEFAULT_POLICY, ImageMeta, LoadedImage, ReadPolicy, affine_tuple
+from medtl.io.contract import check_pixel_budget, reader
 from medtl.io.geometry import GeometryError, slice_normal, sort_slices, volume_affine
 
 
@@ -103,17 +104,19 @@ def choose_decoding_plugin(transfer_syntax: str) -> str:
     return next((p for p in prefs if p in available), "")
 
 
-def load_dicom(path: str | Path) -> LoadedImage:
+@reader
+def load_dicom(path: str | Path, policy: ReadPolicy = DEFAULT_POLICY) -> LoadedImage:
     """Load one DICOM file: ``(C, rows, cols)`` or, multi-frame, ``(C, frames, rows, cols)``.
 
     Multi-frame files with per-frame positions (enhanced CT/MR, RT dose grids) are sorted
     along the slice normal and get a RAS affine; others keep file order without affine.
 
     Raises:
-        UnreadableImageError: the file cannot be read or decoded; ``reason`` says why.
+        UnreadableImageError: the file cannot be read or decoded, its header is absurd or
+            refused by ``policy`` (burned-in annotation); ``reason`` says why.
     """
     ds = read_dataset(path)
-    decoded = decode_pixels(ds, path)
+    decoded = decode_pixels(ds, path, policy)
     frames = decoded.frames
     n_frames = frames.shape[0]
     spacing2d = pixel_spacing(ds)
@@ -137,10 +140,14 @@ def load_dicom(path: str | Path) -> LoadedImage:
     return LoadedImage(array, meta)
 
 
-def decode_pixels(ds: Dataset, path: str | Path) -> DecodedPixels:
-    """Decode, colour-convert and apply the modality LUT (and MONOCHROME1 inversion)."""
+def decode_pixels(
+    ds: Dataset, path: str | Path, policy: ReadPolicy = DEFAULT_POLICY
+) -> DecodedPixels:
+    """Check the header against ``policy``, then decode, colour-convert and apply the
+    modality LUT (and MONOCHROME1 inversion)."""
     ts = _check_decodable(ds, path)
     n_frames = frame_count(ds, path)
+    check_header(ds, path, policy, n_frames)
     arr, pi = _decode(ds, ts, path)
     stored_dtype = str(arr.dtype.newbyteorder("="))
     rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
@@ -244,6 +251,42 @@ def _check_decodable(ds: Dataset, path: str | Path) -> dcm_uid.UID:
             "for it (pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls)",
         )
     return ts
+
+
+def check_burned_in(ds: Dataset, path: str | Path, policy: ReadPolicy) -> None:
+    """Refuse a file whose header says its pixels carry burned-in annotation, unless allowed:
+    names and dates drawn into the pixels pass every header whitelist and text search."""
+    if policy.burned_in_annotation == "allow":
+        return
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise UnreadableImageError(
+            path,
+            "BurnedInAnnotation (0028,0301) is YES: the pixels may show identifying text, so "
+            "the image is left out; set data.burned_in_annotation=allow (predict: "
+            "--allow-burned-in) to use such images",
+        )
+
+
+def check_header(ds: Dataset, path: str | Path, policy: ReadPolicy, n_frames: int) -> None:
+    """Refuse an absurd or policy-refused header before decoding allocates anything: an
+    empty or oversized image, or uncompressed pixel data shorter than the header says."""
+    check_burned_in(ds, path, policy)
+    rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
+    check_pixel_budget(path, (n_frames, rows, cols, spp), policy, "DICOM header")
+    ts = ds.file_meta.TransferSyntaxUID
+    data = ds.get("PixelData")
+    if ts.is_encapsulated or not isinstance(data, bytes):
+        return
+    if str(ds.get("PhotometricInterpretation", "")).startswith("YBR_FULL_422"):
+        return  # subsampled: pydicom knows its length rule
+    bits = int(ds.BitsAllocated)
+    need = (n_frames * rows * cols * spp * bits + 7) // 8
+    if len(data) < need:
+        raise UnreadableImageError(
+            path,
+            f"pixel data is {len(data):,} bytes but the header ({rows}x{cols}, "
+            f"{n_frames} frame(s), {spp} sample(s), {bits} bits) needs {need:,}: truncated?",
+        )
 
 
 def frame_count(ds: Dataset, path: str | Path) -> int:

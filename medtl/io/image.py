@@ -13,12 +13,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medtl.errors import UnreadableImageError
-from medtl.io.base import ImageMeta, LoadedImage
+from medtl.io.base import DEFAULT_POLICY, ImageMeta, LoadedImage, ReadPolicy
+from medtl.io.contract import check_pixel_budget, reader
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def load_png_jpeg(path: str | Path) -> LoadedImage:
+@reader
+def load_png_jpeg(path: str | Path, policy: ReadPolicy = DEFAULT_POLICY) -> LoadedImage:
     """Load a PNG or JPEG file (8/16-bit grey, RGB, RGBA, palette).
 
     Raises:
@@ -33,6 +35,8 @@ def load_png_jpeg(path: str | Path) -> LoadedImage:
             if fmt not in ("PNG", "JPEG", "MPO"):
                 raise UnreadableImageError(path, f"{fmt} files are not read; use PNG or JPEG")
             mode = img.mode
+            bands = len(img.getbands())
+            check_pixel_budget(path, (img.height, img.width, bands), policy, f"{fmt} header")
             img.load()
             arr = _to_array(img)
     except UnreadableImageError:

@@ -21,7 +21,7 @@ from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
 from medtl.errors import MedtlError, UnreadableImageError
-from medtl.io.base import ImageMeta, LoadedImage
+from medtl.io.base import DEFAULT_POLICY, ImageMeta, LoadedImage, ReadPolicy
 from medtl.io.registry import detect_format, load_image
 from medtl.io.series import load_dicom_series
 
@@ -29,9 +29,10 @@ from medtl.io.series import load_dicom_series
 class MedtlReader(ImageReader):
     """MONAI ImageReader over ``medtl.io.load_image`` (DICOM, series, NIfTI, PNG/JPEG)."""
 
-    def __init__(self, reorient: str | None = None):
+    def __init__(self, reorient: str | None = None, policy: ReadPolicy = DEFAULT_POLICY):
         super().__init__()
         self.reorient = reorient
+        self.policy = policy
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True when medtl recognises every path (folder, suffix or file content)."""
@@ -46,21 +47,25 @@ class MedtlReader(ImageReader):
         """Load one path; several DICOM files are one series, other lists stack channels."""
         paths = [Path(p) for p in ensure_tuple(data)]
         if len(paths) == 1:
-            return load_image(paths[0], reorient=self.reorient)
+            return load_image(paths[0], reorient=self.reorient, policy=self.policy)
         if all(detect_format(p) == "dicom" for p in paths):
-            return load_image_series(paths, self.reorient)
-        return _stack_channels([load_image(p, reorient=self.reorient) for p in paths])
+            return load_image_series(paths, self.reorient, self.policy)
+        return _stack_channels(
+            [load_image(p, reorient=self.reorient, policy=self.policy) for p in paths]
+        )
 
     def get_data(self, img: LoadedImage) -> tuple[np.ndarray, dict]:
         """The channel-first array and a MONAI meta dict (see the module docstring)."""
         return img.array, monai_meta(img)
 
 
-def load_image_series(paths: Sequence[Path], reorient: str | None) -> LoadedImage:
+def load_image_series(
+    paths: Sequence[Path], reorient: str | None, policy: ReadPolicy = DEFAULT_POLICY
+) -> LoadedImage:
     """A list of DICOM files as one series volume (optionally reoriented)."""
     from medtl.io.base import reorient as reorient_image
 
-    image = load_dicom_series(paths)
+    image = load_dicom_series(paths, policy=policy)
     return reorient_image(image, reorient) if reorient else image
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from nibabel.spatialimages import SpatialImage
 
 from medtl.errors import UnreadableImageError
-from medtl.io.base import ImageMeta, LoadedImage, affine_tuple
+from medtl.io.base import DEFAULT_POLICY, ImageMeta, LoadedImage, ReadPolicy, affine_tuple
+from medtl.io.contract import check_pixel_budget, reader
 
 #: File name endings nibabel reads for us, and the format name reported for each class.
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz", ".mgz", ".mgh")
@@ -31,7 +32,8 @@ _FORMAT_NAMES = {
 }
 
 
-def load_nifti(path: str | Path) -> LoadedImage:
+@reader
+def load_nifti(path: str | Path, policy: ReadPolicy = DEFAULT_POLICY) -> LoadedImage:
     """Load a NIfTI/Analyze/MGH file as float32 ``(C, I, J, K)`` with its affine.
 
     Raises:
@@ -57,6 +59,7 @@ def load_nifti(path: str | Path) -> LoadedImage:
             path,
             f"{kind} is not an image volume medtl reads; supported: NIfTI-1/2, Analyze, MGH",
         )
+    check_pixel_budget(path, tuple(img.shape) or (1,), policy, f"{fmt} header")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

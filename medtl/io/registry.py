@@ -7,19 +7,27 @@ recognised by their first bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from medtl.errors import UnreadableImageError
-from medtl.io.base import LoadedImage
+from medtl.io.base import DEFAULT_POLICY, LoadedImage, ReadPolicy
 from medtl.io.base import reorient as reorient_image
+from medtl.io.contract import reader
 from medtl.io.dicom import is_dicom, load_dicom
 from medtl.io.image import IMAGE_SUFFIXES, load_png_jpeg
 from medtl.io.nifti import NIFTI_SUFFIXES, load_nifti
 from medtl.io.series import load_dicom_series
 
-#: Format name -> loader(path) -> LoadedImage.
-READERS: dict[str, Callable[[Path], LoadedImage]] = {
+class Reader(Protocol):
+    """A loader: ``reader(path, policy=...) -> LoadedImage``."""
+
+    def __call__(self, path: Path, /, *, policy: ReadPolicy = ...) -> LoadedImage: ...
+
+
+#: Format name -> loader. Each keeps ``medtl.io.contract``: it loads or raises
+#: ``UnreadableImageError``, whatever went wrong.
+READERS: dict[str, Reader] = {
     "dicom": load_dicom,
     "dicom_series": load_dicom_series,
     "nifti": load_nifti,
@@ -76,16 +84,22 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def load_image(path: str | Path, reorient: str | None = None) -> LoadedImage:
+@reader
+def load_image(
+    path: str | Path, reorient: str | None = None, policy: ReadPolicy = DEFAULT_POLICY
+) -> LoadedImage:
     """Load any supported image as channel-first float32 with non-identifying metadata.
 
     Args:
         path: a DICOM file, a DICOM series folder, a NIfTI/Analyze/MGH file, or PNG/JPEG.
         reorient: axis codes such as ``"RAS"`` to reorder 3D images with an affine
             (``nibabel.as_closest_canonical`` for NIfTI); None keeps the file's order.
+        policy: what to refuse before decoding (``data.max_image_bytes``,
+            ``data.burned_in_annotation``).
 
     Raises:
-        UnreadableImageError: the path cannot be read; ``reason`` is one human line.
+        UnreadableImageError: for every failure of any type (a decoder's panic included;
+            only KeyboardInterrupt and SystemExit pass); ``reason`` is one human line.
     """
-    image = READERS[detect_format(path)](Path(path))
+    image = READERS[detect_format(path)](Path(path), policy=policy)
     return reorient_image(image, reorient) if reorient else image

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from medtl.errors import UnreadableImageError
-from medtl.io.base import LoadedImage
+from medtl.io.base import DEFAULT_POLICY, LoadedImage, ReadPolicy
+from medtl.io.contract import check_pixel_budget, reader
 from medtl.io.dicom import (
     build_meta,
+    check_burned_in,
     decode_pixels,
     frame_count,
     is_dicom,
@@ -42,9 +44,11 @@ def list_series_files(folder: str | Path) -> list[Path]:
     )
 
 
+@reader
 def load_dicom_series(
     source: str | Path | Sequence[str | Path],
     spacing_tolerance: float = DEFAULT_SPACING_TOLERANCE,
+    policy: ReadPolicy = DEFAULT_POLICY,
 ) -> LoadedImage:
     """Load a folder (or a list of files) holding one DICOM series as a 3D volume.
 
@@ -87,6 +91,10 @@ def load_dicom_series(
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
     if len(sizes) > 1:
         raise UnreadableImageError(where, f"slices have different sizes: {sorted(sizes)}")
+    for f, ds in headers:
+        check_burned_in(ds, f, policy)
+    spp = max(int(ds.get("SamplesPerPixel", 1) or 1) for _, ds in headers)
+    check_pixel_budget(where, (len(headers), *next(iter(sizes)), spp), policy, "series headers")
     lacking = [
         f
         for f, ds in headers
@@ -110,7 +118,7 @@ def load_dicom_series(
     for i in stack.order:
         path = headers[i][0]
         full = read_dataset(path)
-        decoded_i = decode_pixels(full, path)
+        decoded_i = decode_pixels(full, path, policy)
         if decoded is None:
             decoded, first_ds = decoded_i, full
         slices.append(decoded_i.frames)

@@ -102,14 +102,15 @@ def read_target_for(
     """The target images decoded with the bundle's own preprocessing, after the check that no
     target patient or image is in the bundle's training set."""
     from medtl.data import build_dataset, prepare_records, write_quarantine
-    from medtl.transforms import build_transforms
+    from medtl.transforms import build_transforms, read_policy
 
     records, labelled, digest = read_target_records(cfg, path, [])
     _refuse_overlap(bundle, records, str(path))
     m = cfg.model
     tfm = build_transforms(
-        cfg.transforms, bundle.model.preprocess, m.in_channels, m.channel_adapt, False
-    )
+        cfg.transforms, bundle.model.preprocess, m.in_channels, m.channel_adapt, False,
+        read_policy(cfg.data),
+    )  # fmt: skip
     cache = run_dir / ".cache"
     prepared = prepare_records(records, tfm, cache, cfg.data.max_bad_fraction, False, "disk")
     write_quarantine(prepared.quarantine, run_dir / "quarantine.csv")
@@ -249,9 +250,8 @@ def _publish(
     run_dir: Path, bundle_dir: Path, cfg: PipelineConfig, lineage: dict[str, str]
 ) -> tuple[str | None, dict[str, Any] | None]:
     """Log the adaptation as an MLflow run with its model and register it (alias candidate)."""
-    import pandas as pd
-
     from medtl.jobs.tracking import JobTracking
+    from medtl.spreadsheet import read_csv
     from medtl.tracking.runs import TrainTracker
 
     tracker = TrainTracker(cfg.tracking, cfg, lineage)
@@ -259,7 +259,7 @@ def _publish(
     tracking = JobTracking(tracker)
     status = "FAILED"
     try:
-        preds = pd.read_csv(run_dir / "target_predictions.csv")
+        preds = read_csv(run_dir / "target_predictions.csv")  # written by write_csv
         out = tracking.publish(run_dir, bundle_dir, preds, {})
         status = "FINISHED"
         return out

@@ -160,15 +160,19 @@ def build_preprocessing(cfg: PipelineConfig, num_classes: int) -> Preprocessing:
     Building the model here also fails fast on missing weights, before any decoding.
     """
     from medtl.models import create_model
-    from medtl.transforms import build_transforms
+    from medtl.transforms import build_transforms, read_policy
 
     probe = create_model(cfg.model, num_classes, spatial_dims=cfg.spatial_dims)
     weights_info, preprocess = dict(probe.weights_info), probe.preprocess
     del probe
-    m = cfg.model
+    m, policy = cfg.model, read_policy(cfg.data)
     return Preprocessing(
-        train=build_transforms(cfg.transforms, preprocess, m.in_channels, m.channel_adapt, True),
-        eval=build_transforms(cfg.transforms, preprocess, m.in_channels, m.channel_adapt, False),
+        train=build_transforms(
+            cfg.transforms, preprocess, m.in_channels, m.channel_adapt, True, policy
+        ),
+        eval=build_transforms(
+            cfg.transforms, preprocess, m.in_channels, m.channel_adapt, False, policy
+        ),
         weights_info=weights_info,
     )
 

@@ -6,10 +6,11 @@ crashed or hung), so a parallel preparation quarantines exactly what a serial on
 
 from __future__ import annotations
 
+import re
 import signal
 from dataclasses import dataclass
 
-from medtl.errors import UnreadableImageError
+from medtl.errors import MedtlError, UnreadableImageError
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,40 @@ def root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def is_run_error(err: BaseException) -> bool:
+    """True when ``err`` is the run's mistake, not one file's: a ``MedtlError`` other than
+    ``UnreadableImageError`` (a config key, a setup problem) at its root."""
+    root = root_cause(err)
+    return isinstance(root, MedtlError) and not isinstance(root, UnreadableImageError)
+
+
 def is_unreadable(err: BaseException) -> bool:
     """True when ``err`` (a root cause) means the file is bad, not that the code is."""
     return isinstance(err, UnreadableImageError | OSError)
 
 
+# MONAI re-raises a transform's error as "applying transform <pkg.mod.Name object at 0x..>".
+_MONAI_STEP = re.compile(r"applying transform <([\w.]+)")
+
+
 def quarantine_reason(err: BaseException) -> str:
-    """One line for the quarantine list: the reader's reason, else the error's first line."""
-    if isinstance(err, UnreadableImageError):
-        return err.reason
-    msg = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {msg[0] if msg else ''}"[:300]
+    """One line for the quarantine list: the reader's reason, else the failing transform's
+    name (when MONAI says it) and the root error's type and first line."""
+    root = root_cause(err)
+    if isinstance(root, UnreadableImageError):
+        return root.reason.strip().splitlines()[0][:300] if root.reason.strip() else "unreadable"
+    msg = str(root).strip().splitlines()
+    what = f"{type(root).__name__}: {msg[0] if msg else ''}"
+    if isinstance(root, OSError):
+        return what[:300]
+    step = None
+    cur: BaseException | None = err
+    while cur is not None and step is None:
+        found = _MONAI_STEP.search(str(cur))
+        step = found.group(1).rsplit(".", 1)[-1] if found else None
+        cur = cur.__cause__ or cur.__context__ if cur is not root else None
+    where = f" in {step}" if step else ""
+    return f"image read, but the preprocessing failed{where} ({what})"[:300]
 
 
 def crash_reason(exitcode: int | None) -> str:

@@ -1,8 +1,9 @@
 """One decoding step, the same in this process and in a pool worker, and the worker's loop.
 
-``decode_one`` runs the deterministic transforms on one item and sorts failures: a bad file
-becomes a ``QuarantineEntry`` (the same reason as the serial path gives), any other error is
-raised (a bug or a config problem must stop the run). Arrays travel between processes as
+``decode_one`` runs the deterministic transforms on one item and sorts failures: anything that
+goes wrong on one file becomes its ``QuarantineEntry`` (the same reason as the serial path
+gives); only a config or setup mistake (a ``MedtlError`` that names its key) stops the run. A
+bug that fails on every file is stopped by ``data.max_bad_fraction``. Arrays travel between processes as
 NumPy arrays (pickled bytes), never as torch tensors: torch would pass them through shared
 memory file descriptors, one per tensor, which is slower for many small images.
 """
@@ -24,12 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtl.preparation.quarantine import (
-    QuarantineEntry,
-    is_unreadable,
-    quarantine_reason,
-    root_cause,
-)
+from medtl.preparation.quarantine import QuarantineEntry, is_run_error, quarantine_reason
 
 # The decoded result of one item: the transforms' output dict with tensors as NumPy arrays.
 Payload = dict[str, Any]
@@ -55,19 +51,22 @@ def from_payload(p: Payload) -> dict[str, Any]:
 
 
 def decode_one(transform: Transform, item: Mapping[str, Any]) -> Payload | QuarantineEntry:
-    """Run ``transform`` on a copy of ``item``; an unreadable file gives its quarantine entry.
+    """Run ``transform`` on a copy of ``item``; any failure on this one file (its reader, or the
+    deterministic transforms of a file that did read: too small to resize, wrong channel
+    count) gives its quarantine entry with the reason.
 
     Raises:
-        Exception: any error that does not come from a bad file (OSError or
-            ``UnreadableImageError`` at the root).
+        MedtlError: a config or setup mistake (not an ``UnreadableImageError``): the run's,
+            not the file's, so it stops the run; KeyboardInterrupt and SystemExit.
     """
     try:
         out = transform(dict(item))
-    except Exception as err:  # noqa: BLE001 - sorted below: only unreadable files
-        root = root_cause(err)
-        if not is_unreadable(root):
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - a decoder panic is a BaseException too
+        if is_run_error(err):
             raise
-        return QuarantineEntry(str(item["image"]), quarantine_reason(root))
+        return QuarantineEntry(str(item["image"]), quarantine_reason(err))
     return to_payload(out)
 
 
@@ -134,7 +133,7 @@ def worker_main(conn: Connection, transform: Transform) -> None:
         index, item = msg
         try:
             result: tuple[str, Any] = ("ok", decode_one(transform, item))
-        except Exception as err:  # noqa: BLE001 - sent to the parent, which raises it
+        except Exception as err:  # noqa: BLE001 - a run error: the parent raises it
             result = ("error", _portable(err))
         try:
             conn.send(("done", (index, result)))
