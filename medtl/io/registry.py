@@ -19,6 +19,7 @@ from medtl.io.image import IMAGE_SUFFIXES, load_png_jpeg
 from medtl.io.nifti import NIFTI_SUFFIXES, load_nifti
 from medtl.io.series import load_dicom_series
 
+
 class Reader(Protocol):
     """A loader: ``reader(path, policy=...) -> LoadedImage``."""
 
