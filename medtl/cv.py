@@ -29,6 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from medtl.config import CVConfig
 from medtl.errors import ConfigError, ManifestError, MedtlError, look_up_option
+from medtl.spreadsheet import read_csv, write_csv
 
 __all__ = [
     "SPLITS_FILENAME",
@@ -366,7 +367,7 @@ def save_splits(
             "split": df["split"].astype(str).to_numpy(),
         }
     )
-    table.to_csv(path, index=False)
+    write_csv(table, path)  # ids and labels cannot run as spreadsheet formulas
     return path
 
 
@@ -379,7 +380,7 @@ def load_splits(path: str | Path) -> pd.DataFrame:
         raise ManifestError(
             f"splits file '{path}' does not exist (make_splits + save_splits write it)"
         )
-    table = pd.read_csv(
+    table = read_csv(
         path,
         dtype={"image": str, "patient_id": str, "label": str, "split": str},
         keep_default_na=False,

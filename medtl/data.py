@@ -37,6 +37,7 @@ from medtl.preparation.pool import DEFAULT_TIMEOUT_S
 from medtl.preparation.quarantine import QuarantineEntry
 from medtl.preparation.quarantine import quarantine_reason as _reason  # noqa: F401 (old name)
 from medtl.preparation.quarantine import root_cause as _root_cause  # noqa: F401 (old name)
+from medtl.spreadsheet import neutralise_cell
 from medtl.transforms import PIXEL_HASH_DATA_KEY, TransformPair
 
 log = logging.getLogger(__name__)
@@ -270,14 +271,15 @@ def check_bad_fraction(bad: Sequence[QuarantineEntry], n: int, max_bad_fraction:
 
 
 def write_quarantine(quarantine: Sequence[QuarantineEntry], path_csv: str | Path) -> Path:
-    """Write ``path,reason`` rows (header only when nothing was quarantined)."""
+    """Write ``path,reason`` rows (header only when nothing was quarantined); paths and reasons
+    cannot run as spreadsheet formulas (``medtl.spreadsheet``)."""
     path_csv = Path(path_csv)
     path_csv.parent.mkdir(parents=True, exist_ok=True)
     with path_csv.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "reason"])
         for q in quarantine:
-            w.writerow([q.path, q.reason])
+            w.writerow([neutralise_cell(q.path), neutralise_cell(q.reason)])
     return path_csv
 
 

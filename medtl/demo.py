@@ -33,6 +33,7 @@ def run_demo(
     from medtl.demo_data import make_demo_data
     from medtl.inference import predict_for_use
     from medtl.jobs import print_train_summary, run_train
+    from medtl.spreadsheet import write_csv
 
     say = console.print if console is not None else print
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +66,7 @@ def run_demo(
         str(outcome.bundle_dir), demo.holdout_manifest_csv, allow_unapproved=True
     ).rows
     preds_path = out / "holdout_predictions.csv"
-    preds.to_csv(preds_path, index=False)
+    write_csv(preds, preds_path)  # text cells cannot run as spreadsheet formulas
     say(f"held-out predictions: {preds_path} ({len(preds)} images, unreviewed model)")
     if outcome.bundle_dir is not None:
         _site_shift(outcome.bundle_dir, demo, out, say)

@@ -30,6 +30,7 @@ import pandas as pd
 
 from medtl.errors import ConfigError, MedtlError
 from medtl.evaluation.paired import McNemarResult, PairedAUCResult, compare_aurocs, mcnemar
+from medtl.spreadsheet import read_csv
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
@@ -187,9 +188,9 @@ def _read_run(ref: str) -> _Scored:
     info = json.loads((folder / RUN_INFO_FILE).read_text())
     classes = [str(c) for c in info.get("classes") or []]
     _require_binary(str(info.get("task")), classes, name)
-    head = pd.read_csv(folder / OOF_FILE, nrows=0).columns
+    head = read_csv(folder / OOF_FILE, nrows=0).columns
     text = {c: str for c in head if not c.startswith("prob_") and c != "fold"}
-    df = pd.read_csv(folder / OOF_FILE, dtype=text, keep_default_na=False)
+    df = read_csv(folder / OOF_FILE, dtype=text, keep_default_na=False)  # written by write_csv
     prob = f"prob_{classes[1]}"
     missing = [c for c in ("image", "patient_id", "label", prob, "pred") if c not in df.columns]
     if missing:

@@ -263,9 +263,11 @@ def score_target(
     with CIs when labelled, positive-prediction rates when not; writes ``predictions_csv``."""
     import pandas as pd
 
+    from medtl.spreadsheet import write_csv
+
     probs = {a: _calibrated(r, arms.points[a], arms.task) for a, r in arms.raw.items()}
     frames = {a: _frame(target, p, arms, a) for a, p in probs.items()}
-    pd.concat(frames.values()).to_csv(predictions_csv, index=False)
+    write_csv(pd.concat(frames.values()), predictions_csv)  # no spreadsheet formulas
     out: dict[str, Any] = {
         "method": cfg.domain_adaptation.method,
         "method_kind": ADAPTATION_METHODS[cfg.domain_adaptation.method].kind,

@@ -20,6 +20,7 @@ from medtl.deid import (
 from medtl.errors import ManifestError, look_up_option
 from medtl.manifest._shared import examples, iter_progress
 from medtl.manifest.table import IMAGE_COLUMN, write_manifest
+from medtl.spreadsheet import write_csv
 
 _SERIES_MODALITIES = frozenset({"CT", "MR", "PT", "NM"})
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
@@ -507,5 +508,5 @@ def _write_outputs(result: ScanResult, out_path: Path) -> None:
     stem = out_path.with_suffix("")
     result.unlabeled_csv = Path(f"{stem}.unlabeled.csv")
     result.unreadable_csv = Path(f"{stem}.unreadable.csv")
-    result.unlabeled.to_csv(result.unlabeled_csv, index=False)
-    result.unreadable.to_csv(result.unreadable_csv, index=False)
+    write_csv(result.unlabeled, result.unlabeled_csv)  # paths cannot run as formulas
+    write_csv(result.unreadable, result.unreadable_csv)

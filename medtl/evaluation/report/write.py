@@ -28,6 +28,7 @@ from medtl.evaluation.report.sections import (
     Section,
     build_blocks,
 )
+from medtl.spreadsheet import read_csv, write_csv
 
 OOF_FILENAME = "oof_predictions.csv"
 UNCALIBRATED_PREFIX = "uncal_prob_"  # the model's probabilities before recalibration
@@ -91,11 +92,11 @@ def _predictions_table(
 
 
 def _read_predictions(path: Path) -> pd.DataFrame:
-    """A written prediction table, identifiers and labels kept as text."""
-    head = pd.read_csv(path, nrows=0).columns
+    """A written prediction table, identifiers and labels kept as text (as they were written)."""
+    head = read_csv(path, nrows=0).columns
     numeric = ("prob_", UNCALIBRATED_PREFIX)
     text_cols = {c: str for c in head if not c.startswith(numeric) and c != "fold"}
-    return pd.read_csv(path, dtype=text_cols, keep_default_na=False)
+    return read_csv(path, dtype=text_cols, keep_default_na=False)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -184,7 +185,7 @@ def _write_all(
     out_dir = ctx.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / predictions_name
-    ctx.pred.to_csv(pred_path, index=False)
+    write_csv(ctx.pred, pred_path)  # text cells cannot run as spreadsheet formulas
     metrics_path = out_dir / "metrics.json"
     metrics_path.write_text(json.dumps(ctx.metrics, indent=2, allow_nan=False) + "\n")
     plot_paths = _write_plots(out_dir, ctx.pred, ctx.classes, ctx.task, ctx.metrics)
