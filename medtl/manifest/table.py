@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from medtl.errors import ManifestError, look_up_option
+from medtl.manifest.delimited import RowOrigin, read_delimited
 
 IMAGE_COLUMN = "image"
 PATH_COLUMN = "path"  # added by read_manifest: the absolute path of ``image``
@@ -30,6 +33,7 @@ class Manifest:
     source: Path | None = None
     label_column: str = "label"
     patient_column: str = "patient_id"
+    origin: RowOrigin | None = None  # each row's spreadsheet row and file lines, for messages
 
     @classmethod
     def from_dataframe(
@@ -40,29 +44,37 @@ class Manifest:
         patient_column: str = "patient_id",
         require_label: bool = True,
         source: str | Path | None = None,
+        origin: RowOrigin | None = None,
     ) -> Manifest:
-        """Check the required columns of ``df`` and resolve ``image`` against ``root``."""
+        """Check the required columns of ``df`` and resolve ``image`` against ``root``.
+
+        ``origin`` (one entry per row of ``df``) says where each row is in its file; without
+        it messages name rows by their 0-based position in ``df``.
+        """
         required = [IMAGE_COLUMN, patient_column] + ([label_column] if require_label else [])
         _require_columns(df, required, label_column, patient_column, source)
         df = _normalise_columns(df, _text_columns(label_column, patient_column))
         root = Path(root).resolve()
-        df[PATH_COLUMN] = [
-            "" if pd.isna(v) else str(root / v) if not Path(v).is_absolute() else str(Path(v))
-            for v in df[IMAGE_COLUMN]
-        ]
+        df[PATH_COLUMN] = _absolute_paths(df[IMAGE_COLUMN], root)
         return cls(
             df=df,
             root=root,
             source=Path(source) if source else None,
             label_column=label_column,
             patient_column=patient_column,
+            origin=origin,
         )
 
     def where(self, row: int) -> str:
-        """Human location of a row: the CSV line number (header is line 1) or the row index."""
-        if self.source is not None and self.source.suffix.lower() in (".csv", ".tsv"):
-            return f"line {row + 2}"
-        return f"row {row}"
+        """Where table row ``row`` (0-based) is for its user: ``row 5 (line 5 of the file)``,
+        the spreadsheet row (header = row 1) then the file line(s); a DataFrame's position."""
+        if self.origin is not None:
+            return self.origin.describe(row)
+        return f"row {row} (0-based position in the table)"
+
+    def cell(self, row: int, column: str) -> str:
+        """Where one cell is: ``row 5 (line 5 of the file), column 'image'``."""
+        return f"{self.where(row)}, column '{column}'"
 
 
 def _text_columns(label_column: str, patient_column: str) -> list[str]:
@@ -107,8 +119,36 @@ def _normalise_columns(df: pd.DataFrame, text_columns: Sequence[str]) -> pd.Data
 
 def _as_text(col: pd.Series) -> pd.Series:
     """Strings with surrounding blanks removed; empty cells become NA (ids keep leading 0s)."""
-    out = col.map(lambda v: np.nan if _is_missing(v) else str(v).strip())
-    return out.map(lambda v: np.nan if isinstance(v, str) and v == "" else v).astype(object)
+    values = col.to_numpy(dtype=object)
+    missing = pd.isna(values)
+    kept = values[~missing]
+    if pd.api.types.infer_dtype(kept, skipna=False) not in ("string", "empty"):
+        kept = np.array([str(v) for v in kept], dtype=object)  # numbers from a Parquet file
+    out = np.full(len(values), np.nan, dtype=object)
+    out[~missing] = [v.strip() for v in kept]
+    out[out == ""] = np.nan
+    return pd.Series(out, index=col.index, dtype=object)
+
+
+# A relative path needing none of pathlib's clean-ups (//, /./, ./ first, / last) joins its
+# root as plain text: the same string as str(root / v), without a Path per row.
+_NEEDS_PATHLIB = r"//|/\./|^\./|/\.?$|^\.$"
+
+
+def _absolute_paths(images: pd.Series, root: Path) -> list[str]:
+    """``str(root / image)`` for relative images, ``str(Path(image))`` for absolute ones,
+    ``""`` for empty cells: pathlib's strings, built as text for the rows that allow it."""
+    text = images.astype(object).where(images.notna(), "").astype(str)
+    if os.sep != "/":  # the text shortcut knows POSIX paths only
+        return ["" if not v else str(root / v) for v in text]
+    prefix = str(root).rstrip("/") + "/"
+    is_abs = text.str.startswith("/").to_numpy()
+    out = np.where(is_abs, text.to_numpy(dtype=object), prefix + text.to_numpy(dtype=object))
+    out[(text == "").to_numpy()] = ""
+    values: list[str] = text.tolist()
+    for i in np.flatnonzero(text.str.contains(_NEEDS_PATHLIB, regex=True).to_numpy()):
+        out[i] = str(root / values[i])
+    return out.tolist()
 
 
 def _is_missing(v: Any) -> bool:
@@ -117,14 +157,18 @@ def _is_missing(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------- reading
-def _read_table(path: Path, text_columns: Sequence[str]) -> pd.DataFrame:
-    """The raw table of a CSV/TSV/Parquet file, ``text_columns`` of a CSV read as strings."""
+def _read_table(
+    path: Path, text_columns: Sequence[str], encoding: str | None
+) -> tuple[pd.DataFrame, RowOrigin]:
+    """The raw table of a CSV/TSV/Parquet file and each row's origin; ``text_columns`` of a
+    text file are read as strings (see :mod:`medtl.manifest.delimited` for what is accepted)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        dtype = dict.fromkeys(text_columns, str)
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=dtype)
+        table = read_delimited(path, text_columns, "\t" if suffix == ".tsv" else ",", encoding)
+        return table.df, table.origin
     if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
+        return df, RowOrigin.table(len(df))
     raise ManifestError(
         f"cannot read manifest {path}: unknown suffix '{suffix}'. Valid: "
         f"{', '.join(TABLE_SUFFIXES)}."
@@ -136,28 +180,36 @@ def read_manifest(
     label_column: str = "label",
     patient_column: str = "patient_id",
     require_label: bool = True,
+    encoding: str | None = None,
 ) -> Manifest:
-    """Read a CSV/Parquet manifest; relative ``image`` paths are resolved against its folder.
+    """Read a CSV/TSV/Parquet manifest; relative ``image`` paths are resolved against its folder.
+
+    Text exports as hospitals make them are accepted: a UTF-8 BOM, ``;`` or tab separators
+    (told from the header), cp1252/Latin-1 or UTF-16 text, blank rows (dropped and logged),
+    quoted line breaks in cells.
 
     Args:
         path: the manifest file.
         label_column: the column with labels (multi-label cells: ``a|b``).
         patient_column: the column that groups images by patient.
         require_label: False for prediction manifests that have no labels.
+        encoding: the text encoding; None detects it (UTF-8, else cp1252 with a warning).
 
     Raises:
-        ManifestError: the file is missing or unreadable, or a required column is absent
-            (the message lists the columns present).
+        ManifestError: the file is missing or unreadable, a required column is absent (the
+            message lists the columns present), a header name is repeated, or a row cannot be
+            split into the header's columns (the message names the row and column).
     """
     p = Path(path)
     if not p.is_file():
         raise ManifestError(f"manifest {p} does not exist (or is not a file)")
     try:
-        df = _read_table(p, _text_columns(label_column, patient_column))
+        df, origin = _read_table(p, _text_columns(label_column, patient_column), encoding)
     except ManifestError:
         raise
     except Exception as err:  # pandas/pyarrow raise many types for malformed files
-        raise ManifestError(f"cannot read manifest {p}: {type(err).__name__}: {err}") from err
+        message = str(err).replace("\n", " ")  # one line, whatever the parser says
+        raise ManifestError(f"cannot read manifest {p}: {type(err).__name__}: {message}") from err
     return Manifest.from_dataframe(
         df,
         p.resolve().parent,
@@ -165,6 +217,7 @@ def read_manifest(
         patient_column=patient_column,
         require_label=require_label,
         source=p,
+        origin=origin,
     )
 
 
@@ -190,6 +243,39 @@ def _cell(v: Any) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return str(v)
+
+
+_JSON_ESCAPED = re.compile(r'[\x00-\x1f"\\]')  # what json.dumps(ensure_ascii=False) escapes
+
+
+def _canonical_rows(df: pd.DataFrame) -> list[str]:
+    """Each row as ``json.dumps([_cell(v) for v in row], ensure_ascii=False)``, built a column
+    at a time (the same strings; a per-row loop took seconds on 200,000 rows)."""
+    columns = [_json_cells(df[col]) for col in df.columns]
+    if not columns:
+        return ["[]"] * len(df)
+    return ["[" + ", ".join(cells) + "]" for cells in zip(*columns, strict=True)]
+
+
+def _json_cells(col: pd.Series) -> list[str]:
+    """``json.dumps(_cell(v), ensure_ascii=False)`` of every value of ``col``."""
+    values = col.to_numpy(dtype=object)
+    kind = col.dtype.kind if isinstance(col.dtype, np.dtype) else ""
+    if kind in "iu" and kind:  # numpy integers: never missing
+        text = [str(v) for v in col.to_numpy().tolist()]
+    elif col.dtype == np.float64:  # _cell inlined: "" for NaN, 3 for 3.0
+        text = [
+            "" if v != v else str(int(v)) if v.is_integer() else str(v)
+            for v in col.to_numpy().tolist()
+        ]
+    elif pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+        text = np.where(pd.isna(values), "", values).tolist()
+    else:
+        text = [_cell(v) for v in values]
+    if not _JSON_ESCAPED.search("".join(text)):  # the usual case: one scan, nothing to escape
+        return ['"' + t + '"' for t in text]
+    search = _JSON_ESCAPED.search
+    return [json.dumps(t, ensure_ascii=False) if search(t) else '"' + t + '"' for t in text]
 
 
 def _file_digest(path: Path) -> str:
@@ -226,12 +312,9 @@ def manifest_content_hash(manifest: Manifest, include_files: bool = True) -> str
     cols = sorted(map(str, df.columns))
     h = hashlib.sha256()
     h.update(json.dumps(cols).encode())
-    rows = sorted(
-        json.dumps([_cell(v) for v in row], ensure_ascii=False)
-        for row in df[cols].itertuples(index=False, name=None)
-    )
-    for r in rows:
-        h.update(r.encode() + b"\n")
+    rows = sorted(_canonical_rows(df[cols]))
+    if rows:
+        h.update(("\n".join(rows) + "\n").encode())
     if include_files:
         pairs = sorted(
             {

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import os
+import re
+import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from medtl.errors import UnreadableImageError
-from medtl.manifest._shared import examples, iter_progress
+from medtl.manifest._shared import EXAMPLES, examples, iter_progress
 from medtl.manifest.table import (
     IMAGE_COLUMN,
     PATH_COLUMN,
@@ -79,11 +83,13 @@ def validate_manifest(
     min_patients_per_class: int = 5,
     label_separator: str = "|",
     hash_files: bool = True,
+    check_files: bool = True,
 ) -> ValidationReport:
     """Check a manifest before training; never raises for data problems, reports them.
 
-    Errors: empty manifest, missing label or patient id, missing file or empty folder,
-    an image listed twice, a label not in ``classes``, a patient in several folds or in
+    Errors: empty manifest, missing label or patient id, a line break or other control
+    character in an image path (a quoted newline in the export), missing file or empty
+    folder, an image listed twice, a label not in ``classes``, a patient in several folds or in
     both train and test, and (``deep``) a file that cannot be decoded, with the reason, and
     identical decoded pixels under two patients (a leak between folds).
     Warnings: a patient with different labels, a class with fewer than
@@ -99,6 +105,8 @@ def validate_manifest(
         min_patients_per_class: below this a class gets a warning (5 = one per CV fold).
         label_separator: separator of multi-label cells.
         hash_files: include file bytes in ``content_hash`` (see :func:`manifest_content_hash`).
+        check_files: False checks the table alone: no file is looked at (no existence check,
+            no ``deep`` decode, no file bytes in the hash), e.g. away from the images.
     """
     source = str(manifest.source) if manifest.source else None
     if manifest.df.empty:
@@ -109,8 +117,11 @@ def validate_manifest(
     per_row = _labels_per_row(manifest, class_set, label_separator) if has_labels else []
 
     errors = _check_missing_values(manifest, has_labels)
-    exists, missing, empty_dirs = _locate_files(manifest)
-    errors += _check_files(manifest, missing, empty_dirs)
+    bad_paths = _rows_with_control_characters(manifest)
+    errors += _check_path_characters(manifest, bad_paths)
+    if check_files:
+        exists, missing, empty_dirs = _locate_files(manifest, bad_paths)
+        errors += _check_files(manifest, missing, empty_dirs)
     errors += _check_duplicates(manifest, has_labels)
     warnings: list[Issue] = []
     if has_labels and class_set is not None:
@@ -120,7 +131,7 @@ def validate_manifest(
         warnings += _check_patient_label_conflicts(manifest)
     errors += _check_patient_in_several_folds(manifest)
     errors += _check_patient_in_train_and_test(manifest)
-    if deep:
+    if deep and check_files:
         digests, unreadable = _decode_all(manifest, exists, progress)
         errors += unreadable
         across, within = _check_same_pixels(manifest, digests)
@@ -131,7 +142,7 @@ def validate_manifest(
     summary = _summary(manifest.df, manifest.patient_column, lab, per_row)
     if has_labels:
         warnings += _check_rare_classes(summary, min_patients_per_class)
-    content_hash = manifest_content_hash(manifest, include_files=hash_files)
+    content_hash = manifest_content_hash(manifest, include_files=hash_files and check_files)
     return ValidationReport(errors, warnings, summary, content_hash, source, deep)
 
 
@@ -144,6 +155,20 @@ def _rows_where(mask: pd.Series) -> tuple[int, ...]:
 def _patients_with(manifest: Manifest, patients: Sequence[Any]) -> tuple[int, ...]:
     """Rows of any of ``patients``."""
     return _rows_where(manifest.df[manifest.patient_column].isin(patients))
+
+
+def _shown(value: Any) -> str:
+    """A cell value quoted for a one-line message: line breaks and tabs shown as ``\\n``."""
+    return "'" + _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value)) + "'"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 control characters and DEL
+
+
+def _some(rows: Sequence[int], describe: Callable[[int], str]) -> str:
+    """The first few ``rows`` described (only those are formatted), with a count of the rest."""
+    shown = ", ".join(describe(i) for i in rows[:EXAMPLES])
+    return shown + (f", ... ({len(rows) - EXAMPLES} more)" if len(rows) > EXAMPLES else "")
 
 
 def _check_missing_values(manifest: Manifest, has_labels: bool) -> list[Issue]:
@@ -159,32 +184,66 @@ def _check_missing_values(manifest: Manifest, has_labels: bool) -> list[Issue]:
             issues.append(
                 Issue(
                     code,
-                    f"{len(rows)} row(s) have an empty '{col}' "
-                    f"({examples([manifest.where(r) for r in rows])}); fill them or remove the rows",
+                    f"{len(rows)} row(s) have an empty cell in column '{col}': "
+                    f"{_some(rows, manifest.where)}; fill them or remove the rows",
                     rows,
                 )
             )
     return issues
 
 
-def _locate_files(manifest: Manifest) -> tuple[npt.NDArray[np.bool_], list[int], list[int]]:
-    """Which rows' images exist on disk, and the rows whose file is missing or folder empty."""
+def _rows_with_control_characters(manifest: Manifest) -> tuple[int, ...]:
+    """Rows whose image path holds a line break, tab or other control character."""
+    images = manifest.df[IMAGE_COLUMN]
+    text = images.astype(object).where(images.notna(), "").astype(str)
+    return _rows_where(text.str.contains(_CONTROL.pattern, regex=True))
+
+
+def _check_path_characters(manifest: Manifest, rows: Sequence[int]) -> list[Issue]:
+    """A path with a line break comes from a quoted newline in the export: no file has that
+    name, so say so instead of reporting a file that is merely missing."""
+    if not rows:
+        return []
     df = manifest.df
-    exists = np.ones(len(df), bool)
+
+    def describe(i: int) -> str:
+        return f"{manifest.cell(i, IMAGE_COLUMN)} holds {_shown(df[IMAGE_COLUMN].iat[i])}"
+
+    message = (
+        f"{len(rows)} image path(s) contain a line break or other control character (a "
+        f"quoted line break in the export; no file has such a name): {_some(rows, describe)}; "
+        "remove it from the cell"
+    )
+    return [Issue("path_control_character", message, tuple(rows))]
+
+
+def _locate_files(
+    manifest: Manifest, skip: Sequence[int] = ()
+) -> tuple[npt.NDArray[np.bool_], list[int], list[int]]:
+    """Which rows' images exist on disk, and the rows whose file is missing or folder empty;
+    rows in ``skip`` (already reported) are neither looked at nor counted as present."""
+    df = manifest.df
+    exists = np.zeros(len(df), bool)
     missing: list[int] = []
     empty_dirs: list[int] = []
+    skipped = set(skip)
     for i, (img, path) in enumerate(zip(df[IMAGE_COLUMN], df[PATH_COLUMN], strict=True)):
-        if _is_missing(img):
-            exists[i] = False
+        if _is_missing(img) or i in skipped:
             continue
-        p = Path(path)
-        if p.is_dir():
-            if not any(q.is_file() for q in p.iterdir()):
-                empty_dirs.append(i)
-                exists[i] = False
-        elif not p.is_file():
+        try:
+            mode = os.stat(path).st_mode  # one stat per row: this loop is the cost of the check
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path
             missing.append(i)
-            exists[i] = False
+            continue
+        if stat.S_ISDIR(mode):
+            if any(q.is_file() for q in Path(path).iterdir()):
+                exists[i] = True
+            else:
+                empty_dirs.append(i)
+        elif stat.S_ISREG(mode):
+            exists[i] = True
+        else:
+            missing.append(i)
     return exists, missing, empty_dirs
 
 
@@ -192,22 +251,24 @@ def _check_files(manifest: Manifest, missing: list[int], empty_dirs: list[int]) 
     """Images that are not on disk, and series folders without files, cannot be loaded."""
     df = manifest.df
     issues = []
+
+    def describe(i: int) -> str:
+        return f"{_shown(df[IMAGE_COLUMN].iat[i])} at {manifest.where(i)}"
+
     if missing:
-        names = [f"'{df[IMAGE_COLUMN].iat[i]}' ({manifest.where(i)})" for i in missing]
         issues.append(
             Issue(
                 "missing_file",
-                f"{len(missing)} image file(s) not found (relative paths are resolved "
-                f"against {manifest.root}): {examples(names)}",
+                f"{len(missing)} image file(s) in column '{IMAGE_COLUMN}' not found (relative "
+                f"paths are resolved against {manifest.root}): {_some(missing, describe)}",
                 tuple(missing),
             )
         )
     if empty_dirs:
-        names = [f"'{df[IMAGE_COLUMN].iat[i]}'" for i in empty_dirs]
         issues.append(
             Issue(
                 "empty_folder",
-                f"series folder(s) with no files: {examples(names)}",
+                f"series folder(s) with no files: {_some(empty_dirs, describe)}",
                 tuple(empty_dirs),
             )
         )
@@ -220,16 +281,23 @@ def _check_duplicates(manifest: Manifest, has_labels: bool) -> list[Issue]:
     dup_mask = df[PATH_COLUMN].duplicated(keep=False) & df[PATH_COLUMN].astype(bool)
     if not dup_mask.any():
         return []
+    positions = np.flatnonzero(dup_mask.to_numpy())
+    groups = df.iloc[positions].groupby(PATH_COLUMN, sort=True).indices  # path -> positions
     described = []
-    for _, g in df[dup_mask].groupby(PATH_COLUMN, sort=True):
-        differ = has_labels and g[lab].nunique(dropna=False) > 1
-        lines = ", ".join(manifest.where(int(i)) for i in g.index)
+    for path in list(groups)[:EXAMPLES]:  # only the groups the message shows are described
+        rows = positions[groups[path]]
+        differ = has_labels and df[lab].iloc[rows].nunique(dropna=False) > 1
         described.append(
-            f"'{g[IMAGE_COLUMN].iat[0]}' on {lines}" + (" with different labels" if differ else "")
+            f"{_shown(df[IMAGE_COLUMN].iat[rows[0]])} on "
+            + ", ".join(manifest.where(int(i)) for i in rows)
+            + (" with different labels" if differ else "")
         )
+    more = len(groups) - len(described)
     message = (
-        f"{len(described)} image(s) listed more than once: {examples(described)}; keep "
-        "one row per image"
+        f"{len(groups)} image(s) listed more than once in column '{IMAGE_COLUMN}': "
+        + "; ".join(described)
+        + (f"; ... ({more} more)" if more else "")
+        + "; keep one row per image"
     )
     return [Issue("duplicate", message, _rows_where(dup_mask))]
 
@@ -242,11 +310,12 @@ def _split_labels(value: str, classes: set[str] | None, sep: str) -> list[str]:
 
 
 def _labels_per_row(manifest: Manifest, classes: set[str] | None, sep: str) -> list[list[str]]:
-    """The labels of every row (none for an empty cell), multi-label cells split on ``sep``."""
-    return [
-        [] if _is_missing(v) else _split_labels(str(v), classes, sep)
-        for v in manifest.df[manifest.label_column]
-    ]
+    """The labels of every row (none for an empty cell), multi-label cells split on ``sep``;
+    rows with the same cell share one (read-only) list."""
+    codes, uniques = pd.factorize(manifest.df[manifest.label_column], use_na_sentinel=True)
+    parts = [_split_labels(str(v), classes, sep) for v in uniques]  # once per distinct cell
+    none: list[str] = []
+    return [parts[c] if c >= 0 else none for c in codes.tolist()]
 
 
 def _check_unknown_labels(
@@ -258,10 +327,9 @@ def _check_unknown_labels(
         return []
     unknown = sorted({x for i in bad for x in per_row[i] if x not in classes})
     message = (
-        f"{len(bad)} row(s) have label(s) {examples([repr(u) for u in unknown])} "
-        f"not in the classes {sorted(classes)} "
-        f"({examples([manifest.where(i) for i in bad])}); fix the labels or "
-        "data.classes"
+        f"{len(bad)} row(s) have label(s) {examples([repr(u) for u in unknown])} in column "
+        f"'{manifest.label_column}' not in the classes {sorted(classes)} "
+        f"({_some(bad, manifest.where)}); fix the labels or data.classes"
     )
     return [Issue("unknown_label", message, tuple(bad))]
 
@@ -352,8 +420,14 @@ def _decode_all(
     if not unreadable:
         return digests, []
     unreadable.sort()
-    described = [f"'{df[IMAGE_COLUMN].iat[i]}': {reason}" for i, reason in unreadable]
-    message = f"{len(unreadable)} image(s) cannot be decoded: {examples(described)}"
+    described = [
+        f"{_shown(df[IMAGE_COLUMN].iat[i])} ({manifest.where(i)}): {reason}"
+        for i, reason in unreadable[:EXAMPLES]
+    ]
+    more = len(unreadable) - len(described)
+    message = f"{len(unreadable)} image(s) cannot be decoded: {'; '.join(described)}" + (
+        f"; ... ({more} more)" if more else ""
+    )
     return digests, [Issue("unreadable", message, tuple(i for i, _ in unreadable))]
 
 
@@ -380,7 +454,8 @@ def _check_same_pixels(
 
     def describe(rows: tuple[int, ...]) -> str:
         return " = ".join(
-            f"'{df[IMAGE_COLUMN].iat[i]}' (patient '{df[pat].iat[i]}', {manifest.where(i)})"
+            f"{_shown(df[IMAGE_COLUMN].iat[i])} (patient {_shown(df[pat].iat[i])}, "
+            f"{manifest.where(i)})"
             for i in rows
         )
 
@@ -451,16 +526,18 @@ def _summary(df: pd.DataFrame, pat: str, lab: str | None, per_row: list[list[str
 
 def _class_summary(patients: pd.Series, per_row: list[list[str]]) -> dict[str, dict[str, int]]:
     """Images and distinct patients per class, classes sorted by name."""
-    counts: dict[str, int] = {}
-    patient_sets: dict[str, set] = {}
-    for ls, p in zip(per_row, patients, strict=True):
-        for x in ls:
-            counts[x] = counts.get(x, 0) + 1
-            if not _is_missing(p):
-                patient_sets.setdefault(x, set()).add(p)
+    lengths = np.fromiter(map(len, per_row), dtype=np.int64, count=len(per_row))
+    pairs = pd.DataFrame(
+        {
+            "label": list(itertools.chain.from_iterable(per_row)),
+            "patient": patients.to_numpy(dtype=object)[np.repeat(np.arange(len(per_row)), lengths)],
+        }
+    )
+    by_label = pairs.groupby("label", sort=True)["patient"]
+    counts, n_patients = by_label.size(), by_label.nunique(dropna=True)
     return {
-        "class_counts": dict(sorted(counts.items())),
-        "patients_per_class": {k: len(patient_sets.get(k, ())) for k in sorted(counts)},
+        "class_counts": {str(k): int(v) for k, v in counts.items()},
+        "patients_per_class": {str(k): int(n_patients[k]) for k in counts.index},
     }
 
 
