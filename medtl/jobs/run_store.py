@@ -5,6 +5,11 @@ Fold jobs (`medtl train --folds`) write here and `--collect` reads it back, so f
 as separate processes, on separate GPUs or nodes, into one run folder. Files are written to
 a temporary name and renamed, so a reader never sees half a file; the job record is written
 under an exclusive ``fcntl.flock`` on ``RUN/.medtl.lock``.
+
+A job that logs to MLflow also holds a shared ``flock`` on ``RUN/.medtl.active`` for as long
+as it runs (:func:`mark_job_active`). The kernel drops it when the process dies, SIGKILL
+included, so :func:`tracked_job_alive` tells a live fold-job sibling (whose parent run must
+stay open) from a killed job (whose runs the next job marks FAILED).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from medtl.jobs.prepare import TrainData
 
 JOB_FILE = "job.json"
 LOCK_FILE = ".medtl.lock"
+ACTIVE_FILE = ".medtl.active"
 RESULT_JSON = "result.json"
 RESULT_NPZ = "result.npz"
 FORMAT = "medtl-fold-result/1"
@@ -91,6 +97,49 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+class ActiveJob:
+    """This process's shared lock on ``RUN/.medtl.active``: held while the job runs."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._fh: io.TextIOWrapper | None = open(run_dir / ACTIVE_FILE, "a+")  # noqa: SIM115
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        """Let go (at the job's end; the kernel does it too if the process dies)."""
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def mark_job_active(run_dir: Path) -> ActiveJob:
+    """Say that a tracked job runs in ``run_dir`` until :meth:`ActiveJob.release`.
+
+    Call it under :func:`run_lock`, after :func:`tracked_job_alive`: a job's own lock would
+    count as a live sibling (``flock`` locks conflict between open files of one process too).
+    """
+    return ActiveJob(run_dir)
+
+
+def tracked_job_alive(run_dir: Path) -> bool:
+    """Whether another job that logs to MLflow is running in ``run_dir`` right now.
+
+    ``flock`` holds on one machine and on file systems that pass it on (NFSv4, Lustre); the
+    run folder lock assumes the same.
+    """
+    path = run_dir / ACTIVE_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

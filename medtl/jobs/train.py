@@ -195,7 +195,9 @@ def claim_run(
         if record is not None:
             forget_other_run(run_dir, identity, record)
         write_job_inputs(run_dir, cfg, data)
-        tracking = start_tracking(cfg, lineage, data.validation, data.manifest_hash, True, say)
+        tracking = start_tracking(
+            cfg, lineage, data.validation, data.manifest_hash, True, say, run_dir=run_dir
+        )
         ids = tracking.ids
         write_job_record(run_dir, JobRecord(identity, ids["parent_run_id"], ids["tracking_uri"]))
         return tracking
@@ -226,8 +228,10 @@ def join_run(
     if not cfg.tracking.enabled:
         return JobTracking()
     if record.parent_run_id:
-        return attach_tracking(cfg, lineage, record.parent_run_id, say)
-    tracking = start_tracking(cfg, lineage, data.validation, data.manifest_hash, True, say)
+        return attach_tracking(cfg, lineage, record.parent_run_id, say, run_dir=run_dir)
+    tracking = start_tracking(
+        cfg, lineage, data.validation, data.manifest_hash, True, say, run_dir=run_dir
+    )
     ids = tracking.ids
     write_job_record(
         run_dir,

@@ -40,7 +40,9 @@ from typing import Any
 import medtl
 from medtl.config import PipelineConfig, TrackingConfig
 from medtl.errors import MedtlError
+from medtl.tracking.interrupted import RUN_FOLDER_TAG, mark_interrupted, stale_runs
 from medtl.tracking.lineage import data_counts, medtl_code_state
+from medtl.tracking.lock_retry import retry_locked
 from medtl.tracking.store import (
     ensure_experiment,
     import_mlflow,
@@ -202,10 +204,21 @@ class FoldRun:
 class TrainTracker:
     """Parent run + fold runs + model logging for one training job."""
 
-    def __init__(self, tcfg: TrackingConfig, cfg: PipelineConfig, lineage: Mapping[str, str]):
+    def __init__(
+        self,
+        tcfg: TrackingConfig,
+        cfg: PipelineConfig,
+        lineage: Mapping[str, str],
+        run_folder: str | None = None,
+    ):
+        """``run_folder``: the run folder's ``run_folder_id``, tagged on every run so that the
+        next job of the folder finds the runs a killed job left RUNNING."""
         self.tcfg = tcfg
         self.cfg = cfg
         self.lineage = dict(lineage)
+        if run_folder:
+            self.lineage[RUN_FOLDER_TAG] = run_folder
+        self.run_folder = run_folder
         self.tracking_uri = resolve_tracking_uri(tcfg)
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
@@ -245,6 +258,21 @@ class TrainTracker:
         self.parent_run_id = parent_run_id
         self.experiment_id = run.info.experiment_id
         self.run_name = run.info.run_name
+
+    def end_interrupted(
+        self, recorded_parent: str | None, superseded_by: str | None = None
+    ) -> list[str]:
+        """End FAILED (tagged ``medtl.interrupted``) the runs of this run folder a killed job
+        left RUNNING: ``recorded_parent`` (``job.json``'s), runs tagged with the folder and
+        their fold runs; this job's own parent run stays open. Call it only when no other job
+        of the folder is alive. Returns the ids it ended."""
+        parent = self._require_started()
+        if self.run_folder is None or self.experiment_id is None:
+            return []
+        ids = stale_runs(
+            self._client, self.experiment_id, self.run_folder, recorded_parent, [parent]
+        )
+        return mark_interrupted(self._client, ids, superseded_by)
 
     def _params(self) -> dict[str, str]:
         from medtl.bundle import portable_config
@@ -360,7 +388,11 @@ class TrainTracker:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
-        info = log_pyfunc(run_id, bundle_dir, meta["classes"], self.lineage)
+        # mlflow's module-level API, not this tracker's client: retried here instead. A try
+        # that met the lock after creating its LoggedModel leaves that entry unused.
+        info = retry_locked(
+            log_pyfunc, run_id, bundle_dir, meta["classes"], self.lineage, uri=self.tracking_uri
+        )
         self._client.set_tag(run_id, "medtl.model_id", info.model_id)
         self._client.set_tag(run_id, "medtl.model_uri", info.model_uri)
         return info.model_uri

@@ -4,7 +4,8 @@ Resolution order for the tracking URI: ``tracking.uri`` in the pipeline config, 
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlartifacts``. The registry needs a database store (the file store is deprecated),
 and SQLite locks under concurrent writers: fold runs logging in parallel belong on an
-``mlflow server`` (``http://...`` URI).
+``mlflow server`` (``http://...`` URI). Clients from :func:`make_client` retry a locked store
+with backoff and then say so (``medtl.tracking.lock_retry``).
 
 Offline environment: :func:`offline_environment` sets these variables (only where unset)
 before mlflow is imported, because mlflow reads some of them at import time:
@@ -29,6 +30,7 @@ from typing import Any
 
 from medtl.config import TrackingConfig
 from medtl.errors import ConfigError
+from medtl.tracking.lock_retry import DEFAULT_RETRY, LockRetry, RetryingClient
 
 __all__ = [
     "OFFLINE_ENV",
@@ -116,10 +118,14 @@ def resolve_artifact_location(tcfg: TrackingConfig | None, uri: str) -> str | No
     return (db.parent / "mlartifacts").resolve().as_uri()
 
 
-def make_client(uri: str) -> Any:
-    """An ``MlflowClient`` bound to ``uri`` (tracking and registry), not the global default."""
+def make_client(uri: str, retry: LockRetry = DEFAULT_RETRY) -> Any:
+    """An ``MlflowClient`` bound to ``uri`` (tracking and registry), not the global default.
+
+    Every method call retries "database is locked" with backoff (``retry``), then raises
+    MedtlError advising a tracking server (:mod:`medtl.tracking.lock_retry`).
+    """
     mlflow = import_mlflow()
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return RetryingClient(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri, retry)
 
 
 def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
