@@ -275,6 +275,8 @@ def check_header(ds: Dataset, path: str | Path, policy: ReadPolicy, n_frames: in
     check_pixel_budget(path, (n_frames, rows, cols, spp), policy, "DICOM header")
     ts = ds.file_meta.TransferSyntaxUID
     data = ds.get("PixelData")
+    if ts in dcm_uid.JPEG2000TransferSyntaxes and isinstance(data, bytes):
+        _check_jp2_boxes(data, path, n_frames)
     if ts.is_encapsulated or not isinstance(data, bytes):
         return
     if str(ds.get("PhotometricInterpretation", "")).startswith("YBR_FULL_422"):
@@ -287,6 +289,32 @@ def check_header(ds: Dataset, path: str | Path, policy: ReadPolicy, n_frames: in
             f"pixel data is {len(data):,} bytes but the header ({rows}x{cols}, "
             f"{n_frames} frame(s), {spp} sample(s), {bits} bits) needs {need:,}: truncated?",
         )
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+
+
+def _check_jp2_boxes(pixel_data: bytes, path: str | Path, n_frames: int) -> None:
+    """Refuse a JPEG 2000 frame whose JP2 box list pydicom cannot walk: it adds each box's
+    length to find the codestream (``pixels.utils.get_j2k_parameters``), so a box of length 0
+    before the ``jp2c`` box loops forever, a hang no ``except`` can stop. Mirrors that walk."""
+    from pydicom.encaps import generate_frames
+
+    for index, frame in enumerate(generate_frames(pixel_data, number_of_frames=n_frames)):
+        if not frame.startswith(_JP2_SIGNATURE):
+            continue
+        offset = 12
+        while offset < len(frame):
+            if frame[offset + 4 : offset + 8] == b"jp2c":
+                break
+            length = int.from_bytes(frame[offset : offset + 4], "big")
+            if length == 0:
+                raise UnreadableImageError(
+                    path,
+                    f"JPEG 2000 frame {index + 1}: a JP2 box of length 0 at byte {offset} before "
+                    "the codestream (corrupt file; the decoder would never finish)",
+                )
+            offset += length
 
 
 def frame_count(ds: Dataset, path: str | Path) -> int:
