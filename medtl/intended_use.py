@@ -71,11 +71,10 @@ def _text(value: Any) -> str | None:
 
 def _dicom_facts(path: Path, n_slices: int | None = None) -> ImageFacts:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+    except Exception as err:  # a corrupt header raises many types (NotImplementedError, ...)
         raise UnreadableImageError(path, f"DICOM header cannot be read ({err})") from err
     frames = int(ds.get("NumberOfFrames") or 1)
     rows, cols = ds.get("Rows"), ds.get("Columns")
@@ -100,13 +99,13 @@ def _series_facts(folder: Path) -> ImageFacts:
 
 
 def _image_facts(path: Path) -> ImageFacts:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as img:  # header only: Pillow decodes lazily
             width, height = img.size
             mode = img.mode
-    except (UnidentifiedImageError, OSError) as err:
+    except Exception as err:  # a corrupt header raises many types (ValueError: IHDR, ...)
         raise UnreadableImageError(path, f"image header cannot be read ({err})") from err
     return ImageFacts(photometric_interpretation=_text(mode), rows=height, columns=width, slices=1)
 
