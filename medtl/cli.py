@@ -248,10 +248,15 @@ def train(
 ) -> None:
     """Cross-validated training with per-fold clinical reports and MLflow tracking."""
     from medtl.config import load_config
-    from medtl.jobs import print_train_summary, run_train
 
     folds = _fold_numbers(fold_list) if fold_list is not None else None
     cfg = load_config(pipeline_path, list(overrides))
+    if cfg.data.prepare_workers != 0:
+        from medtl.decoder_server import start_decoder_server
+
+        start_decoder_server()  # its imports overlap with the job's own, on another core
+    from medtl.jobs import print_train_summary, run_train
+
     if cfg.strategy.name == "few_shot":  # evaluated by episodes, not k-fold CV: `medtl fewshot`
         from medtl.fewshot.job import refuse_cross_validation
 

@@ -263,6 +263,10 @@ def prepare_data(
 
     Sets ``cfg.data.cache_dir``: the feature cache of every fold and the refit lives there.
     """
+    if cfg.data.prepare_workers != 0:
+        from medtl.decoder_server import start_decoder_server
+
+        start_decoder_server()  # its imports overlap with building the model below
     transforms = build_preprocessing(cfg, len(inputs.classes))
     cache_dir = resolve_cache_dir(cfg.data, run_dir)
     cfg.data.cache_dir = str(cache_dir)

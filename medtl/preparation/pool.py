@@ -21,8 +21,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
+from medtl.decoder_server import PRELOAD, START_METHOD
 from medtl.errors import ConfigError, MedtlError
 from medtl.preparation.quarantine import QuarantineEntry, crash_reason, timeout_reason
 from medtl.preparation.worker import Payload, Transform, decode_one, from_payload, worker_main
@@ -32,11 +33,6 @@ log = logging.getLogger("medtl")
 Decoded = dict[str, Any]  # the transforms' output for one item (tensors as torch tensors)
 Task = tuple[int, dict]
 DEFAULT_TIMEOUT_S = 300.0
-# forkserver: workers are forked from a clean server process that imported only the decoding
-# stack (below), never from this process, which may hold threads (MLflow, torch) that make a
-# plain fork unsafe. Start-up is paid once per process; a restart after a crash is a fork.
-START_METHOD: Final = "forkserver"
-PRELOAD = ["medtl.preparation.worker", "medtl.transforms", "medtl.io"]
 START_TIMEOUT_S = 600.0  # a worker not ready by then (imports hung) is a setup error
 ATTEMPTS = 2  # a crash is retried once on a fresh worker: an outside kill is not the file's fault
 
@@ -114,7 +110,7 @@ class DecodePool:
 
     # ----------------------------------------------------------------- processes
     def _spawn(self) -> _Slot:
-        self._ctx.set_forkserver_preload(PRELOAD)
+        self._ctx.set_forkserver_preload(list(PRELOAD))
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
             target=worker_main, args=(child, self.transform), daemon=True, name="medtl-decode"
