@@ -159,7 +159,9 @@ def run_pass(
     batcher.classes, batcher.task = list(bundle.classes), bundle.task
     workers = resolve_workers(opts.workers, len(todo)) if _picklable(transform) else 0
     # Every failure on one input (reader or transforms) comes back as its QuarantineEntry.
-    stream = decode_stream([{"image": str(items[i][1])} for i in todo], transform, workers)
+    items_todo = [{"image": str(items[i][1])} for i in todo]
+    timeout = bundle.cfg.data.decode_timeout_s  # the training run's limit for one file
+    stream = decode_stream(items_todo, transform, workers, timeout)
     with PrepareProgress(len(todo), "predicting", opts.progress) as bar:
         # Results arrive in completion order; they are batched in input order, so batches
         # (and their floating-point sums) are the same whatever the worker count.

@@ -294,12 +294,6 @@ def test_evaluate_finishes_and_reports_the_good_images(predict_then_evaluate, ho
     assert f"{CRASH_NAME}: {CRASH_REASON}" in job.part("evaluate").stderr, job.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="medtl/evaluation/heldout.py drops prediction rows with an error and "
-    "write_evaluation_report has no quarantine input, so the evaluation report does not list "
-    "unreadable files",
-)
 def test_evaluate_report_lists_the_crashed_file_with_its_reason(predict_then_evaluate):
     job, out = predict_then_evaluate
     assert job.returncode == 0, job.log()

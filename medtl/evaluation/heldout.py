@@ -144,9 +144,12 @@ def evaluate_model(
     df = manifest.df.drop(columns=["path"], errors="ignore").copy()
     df["image"] = df["image"].astype(str)
     merged = preds.merge(df, on="image", how="left", suffixes=("", "_manifest"))
+    bad = merged[merged["error"].notna()] if "error" in merged.columns else merged.iloc[:0]
+    quarantine = [{"path": p, "reason": r} for p, r in zip(bad["image"], bad["error"], strict=True)]
     if "error" in merged.columns:
         merged = merged[merged["error"].isna()]
     out_dir = Path(out) if out else Path("runs") / "evaluation"
     return write_evaluation_report(
-        out_dir, merged, bundle.classes, bundle.task, bundle.threshold, bundle.cfg, info
-    )
+        out_dir, merged, bundle.classes, bundle.task, bundle.threshold, bundle.cfg, info,
+        quarantine,
+    )  # fmt: skip

@@ -112,7 +112,10 @@ def read_target_for(
         read_policy(cfg.data),
     )  # fmt: skip
     cache = run_dir / ".cache"
-    prepared = prepare_records(records, tfm, cache, cfg.data.max_bad_fraction, False, "disk")
+    prepared = prepare_records(
+        records, tfm, cache, cfg.data.max_bad_fraction, False, "disk",
+        workers=cfg.data.prepare_workers, decode_timeout_s=cfg.data.decode_timeout_s,
+    )  # fmt: skip
     write_quarantine(prepared.quarantine, run_dir / "quarantine.csv")
     if not prepared.records:
         raise ManifestError(f"no image of target manifest {path} could be read (see quarantine)")

@@ -458,7 +458,8 @@ def quarantine_section(ctx: ReportContext) -> list[Block]:
     blocks: list[Block] = [
         Heading(2, "Quarantined files"),
         Paragraph(
-            f"{len(q)} file(s) could not be read and were left out of training and evaluation:"
+            f"{len(q)} file(s) could not be read and were left out of this run (no "
+            "training, prediction or metric uses them):"
         ),
         Table(["file", "reason"], [[r.get("path", ""), r.get("reason", "")] for r in q]),
     ]

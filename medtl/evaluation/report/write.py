@@ -278,9 +278,11 @@ def write_evaluation_report(
     threshold: float | list[float],
     cfg: PipelineConfig,
     info: Mapping[str, Any] | None = None,
+    quarantine: Sequence[Mapping[str, Any]] = (),
 ) -> ReportPaths:
     """Report of one trained model on held-out data (same metrics and files, no folds;
-    predictions go to ``predictions.csv``). Labels/patients are read from ``label`` /
+    predictions go to ``predictions.csv``, the unreadable inputs ``quarantine``, path and
+    reason, to the report's quarantine section). Labels/patients are read from ``label`` /
     ``patient_id`` or else the config's column names."""
     classes = [str(c) for c in classes]
     df = preds_df.copy()
@@ -314,6 +316,7 @@ def write_evaluation_report(
         task=task,
         cfg=cfg,
         thresholds=threshold,
+        quarantine=list(quarantine),
         run_info=dict(info or {}),
     )
     return _write_all(ctx, EVALUATION_SECTIONS, "predictions.csv")
