@@ -36,13 +36,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import free_port, stop_group
+from server_helpers import free_port, stop_group, wait_until_up
 
 from medtl.tracking.store import OFFLINE_ENV
 
@@ -332,12 +331,6 @@ def test_fresh_env_loads_the_approved_model_and_predicts_jpeg2000(fresh_env, reg
     assert out["code"] == [registered["code"].commit, "build"]
 
 
-_free_port = free_port
-
-
-_stop = stop_group
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
@@ -347,7 +340,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_fresh_env_mlflow_models_serve_answers_base64_jpeg2000(fresh_env, registered):
-    port = _free_port()
+    port = free_port()
     mlflow_cli = fresh_env["venv"] / "bin" / "mlflow"
     assert shutil.which("uvicorn", path=fresh_env["env"]["PATH"]).startswith(str(fresh_env["venv"]))
     log = (fresh_env["cwd"] / "serve.log").open("wb")
@@ -366,23 +359,16 @@ def test_fresh_env_mlflow_models_serve_answers_base64_jpeg2000(fresh_env, regist
     url = f"http://127.0.0.1:{port}"
     b64 = base64.b64encode(registered["j2k"].read_bytes()).decode()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (fresh_env["cwd"] / "serve.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not start"
-            time.sleep(1)
+        wait_until_up(
+            proc, f"{url}/ping", fresh_env["cwd"] / "serve.log", START_TIMEOUT_S,
+            "mlflow models serve", pause_s=1,
+        )  # fmt: skip
         split = _post(
             f"{url}/invocations", {"dataframe_split": {"columns": ["b64"], "data": [[b64]]}}
         )
         inputs = _post(f"{url}/invocations", {"inputs": {"b64": [b64, "%%%"]}})
     finally:
-        _stop(proc)
+        stop_group(proc)
         log.close()
     for body in (split, inputs):
         row = body["predictions"][0]

@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from server_helpers import free_port, stop_group
+from server_helpers import free_port, stop_group, wait_until_up
 from tracking_helpers import IDENTIFYING_DIR, tiny_factory, tiny_tracked_run, tiny_transform
 
 from medtl.config import TrackingConfig
@@ -50,23 +48,7 @@ def server(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"mlflow server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server not up after {START_TIMEOUT_S}s:\n{(root / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+        wait_until_up(proc, f"{url}/health", root / "server.log", START_TIMEOUT_S, "mlflow server")
         yield {"url": url, "root": root}
     finally:
         _stop(proc)

@@ -15,12 +15,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from server_helpers import free_port, stop_group
+from server_helpers import free_port, stop_group, wait_until_up
 
 from medtl.tracking.store import OFFLINE_ENV
 
@@ -105,24 +103,6 @@ def _stop(proc: subprocess.Popen) -> None:
     stop_group(proc, grace_s=5)
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"mlflow server not up after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}"
-            )
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def server(postgres, tmp_path_factory):
     """`mlflow server` with the PostgreSQL backend store and proxied artifacts, two workers."""
@@ -145,7 +125,7 @@ def server(postgres, tmp_path_factory):
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(proc, url, log_path)
+            wait_until_up(proc, f"{url}/health", log_path, START_TIMEOUT_S, "mlflow server")
             yield {"url": url, "root": root, "db": postgres["dsn"]}
         finally:
             _stop(proc)
