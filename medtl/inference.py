@@ -291,15 +291,6 @@ def _default_transform(bundle: Bundle, allow_burned_in: bool = False) -> Callabl
     return pair.deterministic
 
 
-def _reason(err: Exception) -> str:
-    # MONAI wraps reader errors in "applying transform ..." RuntimeErrors: report the root cause.
-    root: BaseException = err
-    while root.__cause__ is not None:
-        root = root.__cause__
-    msg = str(getattr(root, "reason", None) or root).strip().splitlines()
-    return f"{type(root).__name__}: {msg[0] if msg else ''}"[:300]
-
-
 def predict(
     bundle: Bundle,
     inputs: str | Path | pd.DataFrame | Iterable[str],
@@ -345,6 +336,8 @@ def predict_serial(
     process, on the CPU. Kept so tests can check :func:`predict` against it."""
     import torch
 
+    from medtl.preparation.quarantine import quarantine_reason
+
     items = _inputs(inputs, _volumes(bundle))
     tf = transform or _default_transform(bundle)
     model = bundle.model.cpu().eval()
@@ -355,7 +348,7 @@ def predict_serial(
             try:
                 x = torch.as_tensor(np.asarray(tf({"image": str(items[i][1])})["image"]))
             except Exception as err:  # any failure is reported for this input, not fatal
-                errors[i] = _reason(err)
+                errors[i] = quarantine_reason(err)  # the reason the pool path gives
                 continue
             with torch.inference_mode():
                 logits[i] = model(x[None].float()).float().numpy()[0]

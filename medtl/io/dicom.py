@@ -147,7 +147,7 @@ def decode_pixels(
     modality LUT (and MONOCHROME1 inversion)."""
     ts = _check_decodable(ds, path)
     n_frames = frame_count(ds, path)
-    check_header(ds, path, policy, n_frames)
+    check_header(ds, path, policy, n_frames, ts)
     arr, pi = _decode(ds, ts, path)
     stored_dtype = str(arr.dtype.newbyteorder("="))
     rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
@@ -267,13 +267,14 @@ def check_burned_in(ds: Dataset, path: str | Path, policy: ReadPolicy) -> None:
         )
 
 
-def check_header(ds: Dataset, path: str | Path, policy: ReadPolicy, n_frames: int) -> None:
+def check_header(
+    ds: Dataset, path: str | Path, policy: ReadPolicy, n_frames: int, ts: dcm_uid.UID
+) -> None:
     """Refuse an absurd or policy-refused header before decoding allocates anything: an
     empty or oversized image, or uncompressed pixel data shorter than the header says."""
     check_burned_in(ds, path, policy)
     rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
     check_pixel_budget(path, (n_frames, rows, cols, spp), policy, "DICOM header")
-    ts = ds.file_meta.TransferSyntaxUID
     data = ds.get("PixelData")
     if ts in dcm_uid.JPEG2000TransferSyntaxes and isinstance(data, bytes):
         _check_jp2_boxes(data, path, n_frames)

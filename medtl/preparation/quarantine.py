@@ -43,11 +43,6 @@ def is_run_error(err: BaseException) -> bool:
     return isinstance(root, MedtlError) and not isinstance(root, UnreadableImageError)
 
 
-def is_unreadable(err: BaseException) -> bool:
-    """True when ``err`` (a root cause) means the file is bad, not that the code is."""
-    return isinstance(err, UnreadableImageError | OSError)
-
-
 # MONAI re-raises a transform's error as "applying transform <pkg.mod.Name object at 0x..>".
 _MONAI_STEP = re.compile(r"applying transform <([\w.]+)")
 
