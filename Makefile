@@ -17,8 +17,8 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): $(PY) pyproject.toml constraints.txt
-	$(PY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q --no-cache-dir -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
