@@ -56,6 +56,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 FT_PIPELINE = ROOT / "pipelines/cxr_2d_finetune.yaml"
 FE_PIPELINE = ROOT / "pipelines/cxr_2d_feature_extraction.yaml"
+STAGES = ("scan", "validate", "prepare1", "fe", "finetune", "predict")
 MEDTL = [sys.executable, "-m", "medtl.cli"]
 SALT = "medtl-scale-benchmark-salt-not-secret"
 # Targets of the issue (see the module docstring).
@@ -297,14 +298,21 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
         rows.append(measure(n, name, cmd, logs / f"{name}.log", a.timeout, a.sample_s))
         return rows[-1]
 
-    stage("scan", [*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
+    want = set(a.stages)
+    if "scan" in want or "validate" in want:  # validate reads scan's manifest
+        stage("scan", [*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
                    "--key", "AccessionNumber", "--out", str(manifest)])  # fmt: skip
-    stage("validate + content hash", [*MEDTL, "manifest", "validate", str(manifest), "--json"])
+    else:  # the later stages still need a manifest: scan it unmeasured
+        subprocess.run([*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
+                        "--key", "AccessionNumber", "--out", str(manifest)], check=True,
+                       capture_output=True)  # fmt: skip
+    if "validate" in want:
+        stage("validate + content hash", [*MEDTL, "manifest", "validate", str(manifest), "--json"])
     me = [sys.executable, str(Path(__file__).resolve()), "_prepare", str(manifest)]
     full_cache = root / "cache_all"
     prep = {}
     arms = [(a.workers, full_cache)]
-    if n <= a.single_worker_max:
+    if n <= a.single_worker_max and "prepare1" in want:
         arms.insert(0, (1, root / "cache_1"))
     for w, cache in arms:
         name = f"prepare, {w} worker{'s' if w > 1 else ''}"
@@ -312,21 +320,24 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
     if 1 in prep and a.workers in prep and a.workers > 1:
         prep[a.workers].extra["speedup_vs_1"] = prep[1].wall_s / prep[a.workers].wall_s
         shutil.rmtree(root / "cache_1", ignore_errors=True)
-    if a.only_prepare:
+    if a.only_prepare or not want & {"fe", "finetune", "predict"}:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
         return rows
     sets = _job_sets(a.train_size, full_cache, a.folds)
     fe_run = root / "fe_run"
-    stage("feature-extraction CV", [*MEDTL, "train", str(FE_PIPELINE), "--manifest",
+    if want & {"fe", "predict"}:  # predict uses the feature-extraction run's model
+        stage("feature-extraction CV", [*MEDTL, "train", str(FE_PIPELINE), "--manifest",
                                     str(manifest), "--out", str(fe_run), *sets])  # fmt: skip
     ft_run = root / "ft_run"
-    ft = stage("fine-tune epoch (1 fold)", [*MEDTL, "train", str(FT_PIPELINE), "--manifest",
+    if "finetune" in want:
+        ft = stage("fine-tune epoch (1 fold)", [*MEDTL, "train", str(FT_PIPELINE), "--manifest",
                str(manifest), "--out", str(ft_run), "--folds", "0", *sets, "--set",
                "strategy.name=fine_tune", "--set", "train.epochs=1", "--set",
                "cv.selection=fixed", "--set", f"train.batch_size={a.batch_size}"])  # fmt: skip
-    ft.extra.update(_epoch_stats(ft_run / "folds/fold_0/history.csv"))
-    stage("predict", [*MEDTL, "predict", "--model", str(fe_run / "model"), str(manifest),
+        ft.extra.update(_epoch_stats(ft_run / "folds/fold_0/history.csv"))
+    if "predict" in want:
+        stage("predict", [*MEDTL, "predict", "--model", str(fe_run / "model"), str(manifest),
                       "--out", str(root / "preds.csv"), "--allow-unapproved"])  # fmt: skip
     if gpu:  # the largest size's manifest feeds the GPU arm
         a.gpu_lines = gpu_arm(a, manifest, root)
@@ -513,6 +524,9 @@ def main() -> None:
     ap.add_argument("--tag", default=None, help="results file suffix: scale.TAG.md")
     ap.add_argument("--sample-s", type=float, default=0.25, help="memory sampling interval")
     ap.add_argument("--only-prepare", action="store_true", help="stop after the prepare arms")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                    help="stages to measure (prepare with all workers always runs: the later "
+                    "stages read its cache)")  # fmt: skip
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--gpu-epochs", type=int, default=2)

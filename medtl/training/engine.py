@@ -486,11 +486,23 @@ class Engine:
         return self.infer(lambda m, x: m(x), dataset)
 
     def infer(
-        self, fn: Callable[[MedtlModel, torch.Tensor], torch.Tensor], dataset: Any
+        self,
+        fn: Callable[[MedtlModel, torch.Tensor], torch.Tensor],
+        dataset: Any,
+        out: np.ndarray | None = None,
+        rows_at: np.ndarray | None = None,
     ) -> np.ndarray:
         """``fn(model, x)`` rows for every sample of ``dataset`` in order (see ``infer_rows``)."""
         return infer_rows(
-            fn, self.model, dataset, self._eval_loader, self.to_input, self.autocast, self.dist
+            fn,
+            self.model,
+            dataset,
+            self._eval_loader,
+            self.to_input,
+            self.autocast,
+            self.dist,
+            out=out,
+            rows_at=rows_at,
         )
 
     def validate(self) -> dict[str, float]:
@@ -688,10 +700,15 @@ def infer_rows(
     to_input: Callable,
     autocast: Callable,
     dist: DistContext,
+    out: np.ndarray | None = None,
+    rows_at: np.ndarray | None = None,
 ) -> np.ndarray:
     """Eval-mode ``fn(model, x)`` for every sample of ``dataset``, in dataset order.
 
     Under DDP each rank runs its shard of exactly the N samples and rows are gathered back.
+    With ``out`` the row of sample k goes to ``out[rows_at[k]]`` (``out[k]`` without
+    ``rows_at``) as each batch arrives, and ``out`` is returned: no second copy of all rows,
+    which is what keeps feature extraction at one (N, F) matrix.
     """
     m = cast(M, unwrap(model))  # the module that was wrapped (DDP) is the caller's own
     was_training = m.training
@@ -700,12 +717,27 @@ def infer_rows(
     n = len(dataset)
     # Dataset positions in loader order (the sampler's order; no shuffling at inference).
     idx = list(sampler) if sampler is not None else list(range(n))
+    sink = out if not dist.distributed else None  # under DDP rows are gathered first
+    at = np.asarray(rows_at if rows_at is not None else np.arange(n), dtype=np.int64)
     rows = []
+    done = 0
     for batch in make_loader(dataset, sampler):
         x = to_input(batch)
         with autocast():
-            out = fn(m, x)
-        rows.append(out.float().cpu().numpy())
+            y = fn(m, x).float().cpu().numpy()
+        if sink is not None:
+            sink[at[idx[done : done + len(y)]]] = y
+        else:
+            rows.append(y)
+        done += len(y)
     m.train(was_training)
+    if sink is not None:
+        if done != n:
+            raise RuntimeError(f"inferred {done} rows for {n} samples")
+        return sink
     arr = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
-    return gather_rows(idx, arr, n, dist)
+    gathered = gather_rows(idx, arr, n, dist)
+    if out is None:
+        return gathered
+    out[at] = gathered
+    return out

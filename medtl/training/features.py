@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -140,8 +140,12 @@ def deterministic_view(dataset: Any) -> Any:
 
 
 def extract_features(engine: Engine, dataset: Any) -> np.ndarray:
-    """(N, F) embeddings of ``dataset`` in order: cached ones are read, the rest computed
-    (under DDP each rank computes its share of the missing images) and cached by rank 0."""
+    """(N, F) float32 embeddings of ``dataset`` in order: cached ones are read, the rest computed
+    (under DDP each rank computes its share of the missing images) and cached by rank 0.
+
+    One (N, F) matrix is allocated and filled in place, from the cache and from each inference
+    batch, so memory is that matrix (F floats per image) and nothing else of size N.
+    """
     model = engine.model
     cache = FeatureCache(
         feature_cache_root(engine.cfg, engine.workdir),
@@ -149,19 +153,22 @@ def extract_features(engine: Engine, dataset: Any) -> np.ndarray:
     )
     # Keyed per record, slice included: 2.5D rows of one volume are different inputs.
     files = [cache.file_for(image_file_key(r["image"], r.get("slice"))) for r in dataset.records]
-    found = [cache.read(f) for f in files]
-    missing = [i for i, f in enumerate(found) if f is None]
+    out = np.empty((len(files), int(getattr(model, "num_features", 0))), np.float32)
+    missing = []
+    for i, f in enumerate(files):
+        emb = cache.read(f)
+        if emb is not None and emb.shape == out.shape[1:]:
+            out[i] = emb
+        else:
+            missing.append(i)
     if missing:
         sub = torch.utils.data.Subset(deterministic_view(dataset), missing)
-        rows = engine.infer(lambda m, x: m.forward_features(x), sub)
-        for j, i in enumerate(missing):
-            found[i] = rows[j]
-            if engine.dist.is_main:
-                cache.write(files[i], rows[j])
+        engine.infer(lambda m, x: m.forward_features(x), sub, out=out, rows_at=np.array(missing))
+        if engine.dist.is_main:
+            for i in missing:
+                cache.write(files[i], out[i])
     engine.dist.barrier()
-    if not found:
-        return np.zeros((0, getattr(model, "num_features", 0)), np.float32)
-    return np.stack(cast(list[np.ndarray], found)).astype(np.float32)  # every gap filled above
+    return out
 
 
 # --------------------------------------------------------------------------- heads
@@ -178,6 +185,18 @@ def _head_linear(model: MedtlModel) -> nn.Linear:
             "set model.head=linear or strategy.head_trainer=torch"
         )
     return linears[0]
+
+
+def _standardise(feats: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(feats - mu) / sd`` in float64 with the per-feature mean ``mu`` and one global ``sd``,
+    the same values as the whole-array expression but written row chunk by row chunk, so the
+    float64 result is the only matrix of the features' size made beside them."""
+    mu = feats.mean(0)
+    sd = np.full(feats.shape[1], float((feats - mu).std()) + 1e-12)
+    z = np.empty(feats.shape, np.float64)
+    for s in range(0, len(feats), chunk):
+        z[s : s + chunk] = (feats[s : s + chunk] - mu) / sd
+    return z, mu, sd
 
 
 def fit_logistic(
@@ -197,9 +216,7 @@ def fit_logistic(
     # Centre per feature but scale by one global factor: per-feature standardisation would
     # give near-constant features (dead channels) enormous weights once folded into the head,
     # and those explode on any input where the channel moves (augmentation, BN updates).
-    mu = feats.mean(0)
-    sd = np.full(feats.shape[1], float((feats - mu).std()) + 1e-12)
-    z = (feats - mu) / sd
+    z, mu, sd = _standardise(feats)
     cw = "balanced" if balanced else None
 
     def one(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
