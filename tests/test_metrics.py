@@ -89,14 +89,29 @@ def test_vectorised_bootstrap_equals_materialised_resamples():
     reps = bootstrap_binary_metrics(y, p, thr, res)
     for b in range(150):
         idx = res.indices(b)
-        assert np.array_equal(np.unique(res.codes[idx]), np.flatnonzero(res.counts[b]))
-        assert len(np.unique(groups[idx])) == np.count_nonzero(res.counts[b])
+        counts = res.counts(b, b + 1)[0]
+        assert np.array_equal(np.unique(res.codes[idx]), np.flatnonzero(counts))
+        assert len(np.unique(groups[idx])) == np.count_nonzero(counts)
         direct = binary_metrics(y[idx], p[idx], thr[idx])
         for name in BINARY_METRICS:
             if direct[name] is None:
                 assert np.isnan(reps[name][b]), (name, b)
             else:
                 assert reps[name][b] == pytest.approx(direct[name], abs=1e-12), (name, b)
+
+
+def test_resamples_in_chunks_are_the_same_resamples_and_metrics():
+    """Chunking bounds memory; it must not change a single draw or value: int32 draws equal
+    numpy's default int64 ones, and one chunk per resample gives the one-chunk result."""
+    y, p, groups = fixture(40)
+    res = PatientResamples.draw(groups, 150, seed=3)
+    n_pat = len(np.unique(groups))
+    assert np.array_equal(res.draws, np.random.default_rng(3).integers(0, n_pat, (150, n_pat)))
+    whole = bootstrap_binary_metrics(y, p, 0.5, res)
+    tiny = bootstrap_binary_metrics(y, p, 0.5, res, chunk_cells=1)  # one resample per chunk
+    for name in BINARY_METRICS:
+        np.testing.assert_allclose(tiny[name], whole[name], rtol=1e-12, atol=0, err_msg=name)
+    assert sum(1 for _ in res.count_chunks(len(p), cells=1)) == 150
 
 
 def test_bootstrap_ci_contains_estimate_and_widens_with_fewer_patients():

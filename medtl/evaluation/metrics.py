@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,26 +156,50 @@ class BootstrapCI(tuple[float | None, float | None]):
 
 @dataclass(frozen=True)
 class PatientResamples:
-    """Seeded patient resamples: ``draws[b]`` lists the patients of resample ``b``."""
+    """Seeded patient resamples: ``draws[b]`` lists the patients of resample ``b``.
+
+    Patient multiplicities are made per chunk of resamples (``counts``, ``count_chunks``)
+    rather than held for all of them: a (resamples x patients) float matrix is 80 MB at 10,000
+    patients and 1,000 resamples, and the report makes one per block and subgroup.
+    """
 
     codes: np.ndarray  # (n_images,) patient index of each image
-    draws: np.ndarray  # (n_boot, n_patients) patient indices drawn with replacement
-    counts: np.ndarray  # (n_boot, n_patients) how often each patient was drawn
+    draws: np.ndarray  # (n_boot, n_patients) int32 patient indices drawn with replacement
 
     @classmethod
     def draw(cls, groups: Sequence[Any] | np.ndarray, n_boot: int, seed: int) -> PatientResamples:
         codes, uniques = pd.factorize(pd.Series(np.asarray(groups)).astype(str), sort=True)
-        n_pat = len(uniques)
         rng = np.random.default_rng(seed)
-        draws = rng.integers(0, n_pat, size=(n_boot, n_pat))
-        flat = (draws + n_pat * np.arange(n_boot)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=n_boot * n_pat).reshape(n_boot, n_pat)
-        return cls(codes=codes, draws=draws, counts=counts.astype(float))
+        # int32 draws are the same values as the default int64 ones, at half the memory
+        # (tests/test_metrics.py checks it).
+        return cls(
+            codes=codes, draws=rng.integers(0, len(uniques), (n_boot, len(uniques)), np.int32)
+        )
+
+    @property
+    def n_patients(self) -> int:
+        """Patients in the resampled set."""
+        return int(self.draws.shape[1])
+
+    def counts(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(stop - start, n_patients) float: how often each patient was drawn in resamples
+        ``start:stop``."""
+        d = self.draws[start:stop]
+        n_pat = self.n_patients
+        flat = (d + n_pat * np.arange(len(d))[:, None]).ravel()
+        return np.bincount(flat, minlength=len(d) * n_pat).reshape(len(d), n_pat).astype(float)
+
+    def count_chunks(self, width: int, cells: int = 1_000_000) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, counts(start, start + rows))`` over every resample, ``rows`` chosen so
+        one chunk's (rows, max(patients, width)) arrays hold about ``cells`` values."""
+        rows = max(1, cells // max(self.n_patients, width, 1))
+        for start in range(0, len(self.draws), rows):
+            yield start, self.counts(start, start + rows)
 
     def indices(self, b: int) -> np.ndarray:
         """Image indices of resample ``b`` (each drawn patient's images, repeats included)."""
         order = np.argsort(self.codes, kind="stable")
-        starts = np.searchsorted(self.codes[order], np.arange(self.counts.shape[1] + 1))
+        starts = np.searchsorted(self.codes[order], np.arange(self.n_patients + 1))
         return np.concatenate([order[starts[q] : starts[q + 1]] for q in self.draws[b]])
 
 
@@ -230,9 +254,11 @@ def bootstrap_binary_metrics(
     threshold: float | np.ndarray,
     resamples: PatientResamples,
     n_bins: int = 10,
-    chunk_cells: int = 4_000_000,
+    chunk_cells: int = 1_000_000,
 ) -> dict[str, np.ndarray]:
-    """Every ``BINARY_METRICS`` value for every resample (NaN where undefined), vectorised.
+    """Every ``BINARY_METRICS`` value for every resample (NaN where undefined), vectorised
+    over chunks of resamples of about ``chunk_cells`` values each, so memory does not grow
+    with the number of images.
 
     Same definitions as :func:`binary_metrics`: AUROC is the tie-corrected Mann-Whitney
     statistic and AUPRC the step-wise average precision, both with patient-count weights.
@@ -241,8 +267,7 @@ def bootstrap_binary_metrics(
     p = np.asarray(p, dtype=float).ravel()
     pos = y == 1
     pred = p >= np.asarray(threshold, dtype=float)
-    codes, counts = resamples.codes, resamples.counts
-    n_pat = counts.shape[1]
+    codes, n_pat = resamples.codes, resamples.n_patients
     A = _per_patient(
         codes,
         n_pat,
@@ -252,10 +277,31 @@ def bootstrap_binary_metrics(
         (~pos & ~pred).astype(float),
         (p - y) ** 2,
     )
-    tp, fp, fn, tn, sq = (counts @ A).T
+    bins = bin_ids(p, n_bins)
+    gap = sp.csr_matrix((y - p, (codes, bins)), shape=(n_pat, n_bins))
+    # Ranking metrics: weighted positives/negatives per distinct score (ascending).
+    uniq, inv = np.unique(p, return_inverse=True)
+    m_pos = sp.csr_matrix((pos.astype(float), (codes, inv)), shape=(n_pat, len(uniq)))
+    m_neg = sp.csr_matrix(((~pos).astype(float), (codes, inv)), shape=(n_pat, len(uniq)))
+    out = {m: np.full(len(resamples.draws), np.nan) for m in BINARY_METRICS}
+    for s, counts in resamples.count_chunks(len(uniq), chunk_cells):
+        rows, sums = slice(s, s + len(counts)), counts @ A
+        for name, values in _count_metrics(sums).items():
+            out[name][rows] = values
+        n = sums[:, 0] + sums[:, 1] + sums[:, 2] + sums[:, 3]
+        out["ece"][rows] = _ratio(np.abs((gap.T @ counts.T).T).sum(axis=1), n)
+        out["auroc"][rows], out["auprc"][rows] = _ranking_metrics(
+            (m_pos.T @ counts.T).T, (m_neg.T @ counts.T).T
+        )
+    return out
+
+
+def _count_metrics(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold metrics and Brier score from per-resample (tp, fp, fn, tn, squared error)."""
+    tp, fp, fn, tn, sq = sums.T
     n = tp + fp + fn + tn
     sens, spec = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
-    out = {
+    return {
         "sensitivity": sens,
         "specificity": spec,
         "ppv": _ratio(tp, tp + fp),
@@ -265,33 +311,18 @@ def bootstrap_binary_metrics(
         "accuracy": _ratio(tp + tn, n),
         "brier": _ratio(sq, n),
     }
-    bins = bin_ids(p, n_bins)
-    gap = sp.csr_matrix((y - p, (codes, bins)), shape=(n_pat, n_bins))
-    out["ece"] = _ratio(np.abs((gap.T @ counts.T).T).sum(axis=1), n)
 
-    # Ranking metrics: weighted positives/negatives per distinct score (ascending).
-    uniq, inv = np.unique(p, return_inverse=True)
-    n_u = len(uniq)
-    m_pos = sp.csr_matrix((pos.astype(float), (codes, inv)), shape=(n_pat, n_u))
-    m_neg = sp.csr_matrix(((~pos).astype(float), (codes, inv)), shape=(n_pat, n_u))
-    auroc = np.full(len(counts), np.nan)
-    auprc = np.full(len(counts), np.nan)
-    step = max(1, chunk_cells // max(n_u, 1))
-    for s in range(0, len(counts), step):
-        c = counts[s : s + step].T
-        w_pos = (m_pos.T @ c).T
-        w_neg = (m_neg.T @ c).T
-        n_p, n_n = w_pos.sum(axis=1), w_neg.sum(axis=1)
-        below = np.cumsum(w_neg, axis=1) - w_neg
-        auroc[s : s + step] = _ratio((w_pos * (below + 0.5 * w_neg)).sum(axis=1), n_p * n_n)
-        tps = np.cumsum(w_pos[:, ::-1], axis=1)
-        fps = np.cumsum(w_neg[:, ::-1], axis=1)
-        precision = _ratio(tps, tps + fps)
-        contrib = np.where(w_pos[:, ::-1] > 0, w_pos[:, ::-1] * precision, 0.0)
-        auprc[s : s + step] = _ratio(contrib.sum(axis=1), n_p)
-    out["auroc"] = auroc
-    out["auprc"] = auprc
-    return {k: out[k] for k in BINARY_METRICS}
+
+def _ranking_metrics(w_pos: np.ndarray, w_neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and AUPRC per row from (resamples, distinct scores) positive/negative weights."""
+    n_p, n_n = w_pos.sum(axis=1), w_neg.sum(axis=1)
+    below = np.cumsum(w_neg, axis=1) - w_neg
+    auroc = _ratio((w_pos * (below + 0.5 * w_neg)).sum(axis=1), n_p * n_n)
+    tps = np.cumsum(w_pos[:, ::-1], axis=1)
+    fps = np.cumsum(w_neg[:, ::-1], axis=1)
+    precision = _ratio(tps, tps + fps)
+    contrib = np.where(w_pos[:, ::-1] > 0, w_pos[:, ::-1] * precision, 0.0)
+    return auroc, _ratio(contrib.sum(axis=1), n_p)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -450,12 +481,12 @@ def _top1(Y: np.ndarray, P: np.ndarray, res: PatientResamples | None, ci: float)
         bal = balanced_accuracy_score(y_idx, pred) if len(Y) else None
     acc_reps = bal_reps = None
     if res is not None:
-        n_pat = res.counts.shape[1]
         correct = (y_idx == pred).astype(float)
         cols = [correct, np.ones_like(correct)]
         for c in range(Y.shape[1]):
             cols += [correct * (y_idx == c), (y_idx == c).astype(float)]
-        S = res.counts @ _per_patient(res.codes, n_pat, *cols)
+        per_patient = _per_patient(res.codes, res.n_patients, *cols)
+        S = np.concatenate([counts @ per_patient for _, counts in res.count_chunks(len(cols))])
         acc_reps = _ratio(S[:, 0], S[:, 1])
         recalls = np.stack([_ratio(S[:, 2 + 2 * c], S[:, 3 + 2 * c]) for c in range(Y.shape[1])], 1)
         with warnings.catch_warnings():
