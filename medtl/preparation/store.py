@@ -1,4 +1,5 @@
-"""The packed cache: decoded images as raw arrays in large shard files, memory-mapped on read.
+"""The packed cache: decoded images as raw arrays in large shard files, read back one array
+per ``pread``.
 
 Layout under ``<cache folder>/packed-<dtype>/``: each writer appends entries to its own
 ``<writer id>-<n>.bin`` (written as a locked ``.tmp-`` file, then renamed) and commits it by
@@ -9,12 +10,20 @@ temporary file is deleted by the next writer), and concurrent writers (fold jobs
 ranks) never share a file name. An entry's key is the same file identity hash the
 ``PersistentDataset`` cache uses, under the same transform-key folder: the same invalidation.
 
+Reads copy each array out of the page cache into its own buffer with one ``pread`` instead of
+memory-mapping the shards: mapped pages count as the reading process's resident memory, so an
+epoch over a memory map grew a job's RSS by the size of the whole cache (the scale benchmark's
+feature-extraction and fine-tune stages); the copy is one the decode made anyway.
+``pread`` takes its offset and leaves the file position alone, so DataLoader workers forked
+with an open descriptor share it safely.
+
 Dtypes: ``float32`` stores the transforms' output bit for bit; ``float16`` and ``uint8``
 (linear min-max per array, 256 levels) are lossy and smaller, for feeding a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -89,12 +98,14 @@ def _encode(arr: np.ndarray, dtype: str) -> tuple[np.ndarray, float, float]:
     return np.ascontiguousarray(arr), 1.0, 0.0  # exact (and non-float arrays, always)
 
 
-def decode_tensor(raw: np.ndarray, ref: ArrayRef) -> torch.Tensor:
-    """Stored values back to the transforms' dtype, as a new tensor with its own memory.
+def decode_tensor(raw: np.ndarray, ref: ArrayRef, copy: bool = True) -> torch.Tensor:
+    """Stored values back to the transforms' dtype, as a new tensor with its own memory
+    (``copy=False``: ``raw`` is already a buffer of its own, as a store read gives, and may
+    become the tensor's memory).
 
     The widening runs in torch: its half -> float conversion is vectorised, NumPy's is
     about ten times slower (measured in ``benchmarks/cache_store.py``)."""
-    t = torch.from_numpy(np.array(raw))  # the copy out of the read-only memory map
+    t = torch.from_numpy(np.array(raw) if copy else raw)
     want = getattr(torch, ref.orig)
     if ref.stored == "uint8" and ref.orig != "uint8":
         return t.to(want).mul_(ref.scale).add_(ref.shift)
@@ -277,13 +288,13 @@ def _read_index(path: str, mtime_ns: int, size: int) -> tuple[str, int, list[tup
 
 
 class PackedStore:
-    """The committed entries of one packed folder, read through memory maps."""
+    """The committed entries of one packed folder, read with ``pread``."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.entries: dict[str, Entry] = {}
         self.shards: dict[str, int] = {}
-        self._maps: dict[str, np.ndarray] = {}
+        self._fds: dict[str, int] = {}
         self.refresh()
 
     def refresh(self) -> None:
@@ -313,29 +324,50 @@ class PackedStore:
         """True when every key has a committed entry."""
         return all(k in self.entries for k in keys)
 
-    def _map(self, shard: str) -> np.ndarray:
-        mm = self._maps.get(shard)
-        if mm is None:
-            path = self.folder / shard
-            # np.memmap refuses an empty file (a shard of entries without arrays)
-            empty = path.stat().st_size == 0
-            mm = np.zeros(0, np.uint8) if empty else np.memmap(path, dtype=np.uint8, mode="r")
-            self._maps[shard] = mm
-        return mm
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.folder / shard, os.O_RDONLY)
+        return fd
+
+    def _pread(self, shard: str, offset: int, nbytes: int) -> np.ndarray:
+        """``nbytes`` bytes of ``shard`` from ``offset``, in a new uint8 array."""
+        buf = np.empty(nbytes, np.uint8)
+        view, got = memoryview(buf.data), 0
+        while got < nbytes:
+            n = os.preadv(self._fd(shard), [view[got:]], offset + got)
+            if n == 0:
+                raise OSError(
+                    f"packed cache shard {self.folder / shard} ends at byte {offset + got}, "
+                    f"before the {nbytes} bytes its index names; delete the folder "
+                    f"{self.folder} to rebuild the cache"
+                )
+            got += n
+        return buf
 
     def raw(self, key: str, name: str = "image") -> np.ndarray:
-        """One array as stored (a read-only view into the memory map, no copy)."""
+        """One array as stored, in its own memory (no conversion)."""
         entry = self.entries[key]
         ref = entry.arrays[name]
-        mm = self._map(entry.shard)
-        return mm[ref.offset : ref.offset + ref.nbytes].view(ref.stored).reshape(ref.shape)
+        buf = self._pread(entry.shard, ref.offset, ref.nbytes)
+        return buf.view(ref.stored).reshape(ref.shape)
+
+    def close(self) -> None:
+        """Close the shard files this store opened (reopened on the next read)."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        self.close()
 
     def read(self, key: str) -> dict[str, Any]:
         """The entry as the transforms returned it: torch tensors (own memory) and values."""
         entry = self.entries[key]
         out: dict[str, Any] = dict(entry.meta)
         for name, ref in entry.arrays.items():
-            out[name] = decode_tensor(self.raw(key, name), ref)
+            out[name] = decode_tensor(self.raw(key, name), ref, copy=False)
         return out
 
     def verify(self) -> list[str]:
@@ -355,5 +387,5 @@ class PackedStore:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_maps"] = {}  # memory maps are reopened in a DataLoader worker, never pickled
+        state["_fds"] = {}  # files are reopened in a DataLoader worker, never pickled
         return state
