@@ -17,7 +17,8 @@ import csv
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,15 +77,80 @@ class DelimitedTable:
 
 @dataclass
 class _Records:
-    """The raw records of a file: header, kept data records and their positions."""
+    """The raw records of a file: header, kept data records and their positions.
+
+    Per-record numbers are ``array('q')`` (8 bytes each; a list of tuples of ints took
+    about 130 bytes a record)."""
 
     header: list[str]
     header_row: int  # its spreadsheet row (1 unless blank rows come first)
     header_span: tuple[int, int]  # line indices [start, end) of the header record
-    spans: list[tuple[int, int]]  # line indices [start, end) of each kept data record
-    rows: list[int]  # spreadsheet row of each kept data record
+    starts: array[int]  # line index where each kept data record starts
+    ends: array[int]  # line index after each kept data record's last line
+    rows: array[int]  # spreadsheet row of each kept data record
     blank_rows: list[int]
     too_long: list[tuple[int, int, list[str]]]  # (kept index, n cells, record) with extra values
+
+
+_SCAN_CHARS = 1 << 18  # characters of text looked at a time for line ends (1 MB as UTF-32)
+
+
+def _line_ends(text: str) -> npt.NDArray[np.int64]:
+    """The offset just after each line end of ``text``: a \\n, a \\r\\n or a lone \\r, where
+    ``io.StringIO(text, newline="")`` ends its lines."""
+    # By hand, with numpy on each piece's UTF-32 code points (one array element per
+    # character, so offsets are character offsets): a regex's match object per line cost
+    # about a microsecond a line; str.splitlines also ends lines at \v, \f, \x1c, ...
+    found = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(text), _SCAN_CHARS):
+        piece = text[start : start + _SCAN_CHARS + 1]  # one more: a \r\n across the cut
+        codes = np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        here, after = codes[:_SCAN_CHARS], codes[1 : _SCAN_CHARS + 1]
+        ends = here == 10  # \n
+        ends[: len(after)] |= (here[: len(after)] == 13) & (after != 10)  # \r, no \n next
+        if len(here) > len(after):  # the text's last character: a \r ends a line too
+            ends[-1] |= here[-1] == 13
+        found.append(np.flatnonzero(ends).astype(np.int64) + start + 1)
+    return np.concatenate(found)
+
+
+@dataclass(frozen=True)
+class _Lines:
+    """The lines of a text, line ends kept, split where ``io.StringIO(text, newline="")``
+    splits them (\\n, \\r\\n, \\r), held as offsets into the text: a list of the lines, or
+    StringIO's four bytes per character, would cost several times the text itself."""
+
+    text: str
+    ends: npt.NDArray[np.int64]  # offset just after each line
+
+    @classmethod
+    def of(cls, text: str) -> _Lines:
+        """Split ``text`` into lines (none for an empty text)."""
+        ends = _line_ends(text)
+        if text and (not len(ends) or ends[-1] < len(text)):  # a last line without its end
+            ends = np.append(ends, len(text))
+        return cls(text, ends)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __iter__(self) -> Iterator[str]:
+        start = 0
+        for end in self.ends.tolist():
+            yield self.text[start:end]
+            start = end
+
+    def offset(self, i: int) -> int:
+        """Where line ``i`` starts in the text (``len(self)``: the end of the text)."""
+        return int(self.ends[i - 1]) if i else 0
+
+    def span(self, start: int, end: int) -> str:
+        """The text of lines ``start`` to ``end`` (exclusive)."""
+        return self.text[self.offset(start) : self.offset(end)]
+
+    def between(self, start: int, end: int) -> list[str]:
+        """Lines ``start`` to ``end`` (exclusive), each a string."""
+        return [self.span(i, i + 1) for i in range(start, end)]
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -193,13 +259,12 @@ def detect_delimiter(header_line: str, default: str, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- records
-def _walk_records(lines: list[str], delimiter: str) -> _Records:
+def _walk_records(lines: _Lines, delimiter: str) -> _Records:
     """Every record's lines and spreadsheet row; blank records and overlong ones noted."""
     reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
     header_row, header_span = 1, (0, 0)
-    spans: list[tuple[int, int]] = []
-    rows: list[int] = []
+    starts, ends, rows = array("q"), array("q"), array("q")
     blank: list[int] = []
     too_long: list[tuple[int, int, list[str]]] = []
     start, n_cols = 0, 0
@@ -213,11 +278,12 @@ def _walk_records(lines: list[str], delimiter: str) -> _Records:
             n_cols = len(record)
         else:
             if len(record) > n_cols and any(c.strip() for c in record[n_cols:]):
-                too_long.append((len(spans), len(record), record))
-            spans.append((start, end))
+                too_long.append((len(starts), len(record), record))
+            starts.append(start)
+            ends.append(end)
             rows.append(row)
         start = end
-    return _Records(header or [], header_row, header_span, spans, rows, blank, too_long)
+    return _Records(header or [], header_row, header_span, starts, ends, rows, blank, too_long)
 
 
 def _column_letter(j: int) -> str:
@@ -259,7 +325,7 @@ def _check_record_lengths(records: _Records, names: list[str], delimiter: str, p
     if not records.too_long:
         return
     k, n_cells, record = records.too_long[0]
-    start, end = records.spans[k]
+    start, end = records.starts[k], records.ends[k]
     where = RowOrigin(np.array([records.rows[k]]), np.array([start + 1]), np.array([end]))
     extra = next(j for j in range(len(names), n_cells) if record[j].strip())
     more = len(records.too_long) - 1
@@ -273,21 +339,21 @@ def _check_record_lengths(records: _Records, names: list[str], delimiter: str, p
 
 
 def _check_closed_quote(
-    lines: list[str], records: _Records, names: list[str], delimiter: str, path: Path
+    lines: _Lines, records: _Records, names: list[str], delimiter: str, path: Path
 ) -> None:
     """A quote left open swallows the rest of the file into one cell: name where it opens."""
-    if not records.spans:
+    if not records.starts:
         return
-    start, end = records.spans[-1]
+    start, end = records.starts[-1], records.ends[-1]
     if end - start < 2 or end < len(lines):
         return
     try:
-        list(csv.reader(lines[start:end], delimiter=delimiter, strict=True))
+        list(csv.reader(lines.between(start, end), delimiter=delimiter, strict=True))
     except csv.Error as err:
         if "unexpected end of data" not in str(err):
             return
         where = RowOrigin(np.array([records.rows[-1]]), np.array([start + 1]), np.array([end]))
-        n_cells = len(next(csv.reader(lines[start:end], delimiter=delimiter)))
+        n_cells = len(next(csv.reader(lines.between(start, end), delimiter=delimiter)))
         col = names[n_cells - 1] if n_cells - 1 < len(names) else _column(n_cells - 1)
         raise ManifestError(
             f"manifest {path}, {where.describe(0)}, column '{col}': a quote (\") opened in "
@@ -311,7 +377,7 @@ def read_delimited(
             values than the header, or an unclosed quote, each naming the row and column.
     """
     text, used = decode_text(path, encoding)
-    lines = list(io.StringIO(text, newline=""))  # splits on \n, \r\n and \r, keeps the ends
+    lines = _Lines.of(text)
     first = next((line for line in lines if line.strip()), "")
     delimiter = detect_delimiter(first, default_delimiter, path)
     records = _walk_records(lines, delimiter)
@@ -330,13 +396,27 @@ def read_delimited(
             examples([f"row {r}" for r in records.blank_rows]),
         )
     df = _parse_values(lines, records, names, delimiter, text_columns, path)
-    spans = np.array(records.spans, dtype=np.int64).reshape(-1, 2)
-    origin = RowOrigin(np.array(records.rows, dtype=np.int64), spans[:, 0] + 1, spans[:, 1])
+    origin = RowOrigin(
+        np.array(records.rows, dtype=np.int64),
+        np.array(records.starts, dtype=np.int64) + 1,
+        np.array(records.ends, dtype=np.int64),
+    )
     return DelimitedTable(df, origin, used, delimiter, tuple(records.blank_rows))
 
 
+def _kept_text(lines: _Lines, records: _Records) -> str:
+    """The header and the kept records as one text: slices of the file's text between the
+    dropped (blank) records, so a file without any is passed on as it is, not copied."""
+    starts = np.array([records.header_span[0], *records.starts], dtype=np.int64)
+    ends = np.array([records.header_span[1], *records.ends], dtype=np.int64)
+    cut = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # a record not where the last one ended
+    firsts, lasts = np.r_[0, cut], np.r_[cut - 1, len(ends) - 1]
+    pieces = zip(starts[firsts].tolist(), ends[lasts].tolist(), strict=True)
+    return "".join(lines.span(a, b) for a, b in pieces)
+
+
 def _parse_values(
-    lines: list[str],
+    lines: _Lines,
     records: _Records,
     names: list[str],
     delimiter: str,
@@ -344,25 +424,27 @@ def _parse_values(
     path: Path,
 ) -> pd.DataFrame:
     """The kept records parsed by pandas (types inferred as for any clean CSV)."""
-    hs, he = records.header_span
-    kept = lines[hs:he]
-    for s, e in records.spans:
-        kept.extend(lines[s:e])
+    # pandas is given UTF-8 bytes, the form it turns text into anyway: an io.StringIO of
+    # the text would hold four bytes per character.
+    kept = io.BytesIO(_kept_text(lines, records).encode("utf-8"))
     with warnings.catch_warnings():
         # Extra cells that are empty (a trailing separator on some rows) are dropped on
         # purpose: _check_record_lengths refused every row with an extra value.
         warnings.simplefilter("ignore", pd.errors.ParserWarning)
         df = pd.read_csv(
-            io.StringIO("".join(kept)),
+            kept,
+            encoding="utf-8",
             sep=delimiter,
             header=0,
             names=names,
             index_col=False,
-            dtype={c: str for c in text_columns if c in names},
+            # object, not str: the Python strings pandas parses to anyway, without a trip
+            # through Arrow and back (the manifest keeps its text columns as objects)
+            dtype={c: object for c in text_columns if c in names},
         )
-    if len(df) != len(records.spans):  # the two parsers disagree: never misnumber rows
+    if len(df) != len(records.starts):  # the two parsers disagree: never misnumber rows
         raise ManifestError(
-            f"cannot read manifest {path}: {len(records.spans)} rows found but pandas read "
+            f"cannot read manifest {path}: {len(records.starts)} rows found but pandas read "
             f"{len(df)}; re-export it as plain CSV (comma separated, UTF-8)"
         )
     if delimiter == ";":  # ";" exports come from locales that write 63,5 for 63.5

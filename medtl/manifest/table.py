@@ -6,12 +6,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from medtl.errors import ManifestError, look_up_option
@@ -55,7 +56,10 @@ class Manifest:
         _require_columns(df, required, label_column, patient_column, source)
         df = _normalise_columns(df, _text_columns(label_column, patient_column))
         root = Path(root).resolve()
-        df[PATH_COLUMN] = _absolute_paths(df[IMAGE_COLUMN], root)
+        # object, as the other text columns: a str (Arrow) copy of the paths cost about
+        # 0.3 kB a row of memory that Arrow does not give back
+        paths = _absolute_paths(df[IMAGE_COLUMN], root)
+        df[PATH_COLUMN] = pd.Series(paths, index=df.index, dtype=object)
         return cls(
             df=df,
             root=root,
@@ -133,22 +137,32 @@ def _as_text(col: pd.Series) -> pd.Series:
 # A relative path needing none of pathlib's clean-ups (//, /./, ./ first, / last) joins its
 # root as plain text: the same string as str(root / v), without a Path per row.
 _NEEDS_PATHLIB = r"//|/\./|^\./|/\.?$|^\.$"
+_NEEDS_PATHLIB_RE = re.compile(_NEEDS_PATHLIB)
 
 
 def _absolute_paths(images: pd.Series, root: Path) -> list[str]:
     """``str(root / image)`` for relative images, ``str(Path(image))`` for absolute ones,
     ``""`` for empty cells: pathlib's strings, built as text for the rows that allow it."""
-    text = images.astype(object).where(images.notna(), "").astype(str)
+    # A loop over the cells' own strings: a str (Arrow) copy of the column and the column
+    # operations on it held about 0.5 kB a row of Arrow memory that is not given back.
+    values = images.to_numpy(dtype=object)
+    missing = pd.isna(values).tolist()
+    text = ["" if gone else str(v) for v, gone in zip(values, missing, strict=True)]
     if os.sep != "/":  # the text shortcut knows POSIX paths only
         return ["" if not v else str(root / v) for v in text]
     prefix = str(root).rstrip("/") + "/"
-    is_abs = text.str.startswith("/").to_numpy()
-    out = np.where(is_abs, text.to_numpy(dtype=object), prefix + text.to_numpy(dtype=object))
-    out[(text == "").to_numpy()] = ""
-    values: list[str] = text.tolist()
-    for i in np.flatnonzero(text.str.contains(_NEEDS_PATHLIB, regex=True).to_numpy()):
-        out[i] = str(root / values[i])
-    return out.tolist()
+    out = [v if not v or v.startswith("/") else prefix + v for v in text]
+    for i in [i for i, v in enumerate(text) if _needs_pathlib(v)]:
+        out[i] = str(root / text[i])
+    return out
+
+
+def _needs_pathlib(path: str) -> bool:
+    """True where pathlib may change ``path`` (``_NEEDS_PATHLIB``); substring tests first,
+    several times faster than the regex, which then decides."""
+    maybe = "//" in path or "/." in path or path.startswith("./") or path.endswith("/")
+    maybe = maybe or path in (".", ".\n") or path.endswith("/\n")  # re's $: before a last \n
+    return maybe and _NEEDS_PATHLIB_RE.search(path) is not None
 
 
 def _is_missing(v: Any) -> bool:
@@ -248,34 +262,117 @@ def _cell(v: Any) -> str:
 _JSON_ESCAPED = re.compile(r'[\x00-\x1f"\\]')  # what json.dumps(ensure_ascii=False) escapes
 
 
-def _canonical_rows(df: pd.DataFrame) -> list[str]:
-    """Each row as ``json.dumps([_cell(v) for v in row], ensure_ascii=False)``, built a column
-    at a time (the same strings; a per-row loop took seconds on 200,000 rows)."""
-    columns = [_json_cells(df[col]) for col in df.columns]
-    if not columns:
-        return ["[]"] * len(df)
-    return ["[" + ", ".join(cells) + "]" for cells in zip(*columns, strict=True)]
+_ROWS_PER_CHUNK = 1024  # canonical rows joined and hashed at a time (about 0.5 MB of text)
 
 
-def _json_cells(col: pd.Series) -> list[str]:
-    """``json.dumps(_cell(v), ensure_ascii=False)`` of every value of ``col``."""
+def _sorted_canonical_rows(df: pd.DataFrame) -> Iterator[bytes]:
+    """The UTF-8 bytes of ``"\\n".join(sorted(rows)) + "\\n"``, in chunks, where each row is
+    ``json.dumps([_cell(v) for v in row], ensure_ascii=False)``; nothing for no rows.
+
+    The order is found without the rows' text: rows compare as their cells' JSON strings do,
+    column by column (a JSON string is never a prefix of another), so each column becomes
+    the rank of its cell among the column's distinct cells and the ranks are sorted
+    together. Only a chunk of rows is ever text at once; holding every row, its cells and
+    the joined text took about 2 kB a row.
+    """
+    n = len(df)
+    if not n:
+        return
+    if not len(df.columns):
+        yield b"[]\n" * n
+        return
+    ranks, inners = zip(*(_column_ranks(df[col]) for col in df.columns), strict=True)
+    order = np.lexsort(ranks[::-1])  # the first column decides first
+    for start in range(0, n, _ROWS_PER_CHUNK):
+        at = order[start : start + _ROWS_PER_CHUNK]
+        columns = [inner[rank[at]] for inner, rank in zip(inners, ranks, strict=True)]
+        rows = ['["' + '", "'.join(row) + '"]\n' for row in zip(*columns, strict=True)]
+        yield "".join(rows).encode()
+
+
+def _column_ranks(col: pd.Series) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.object_]]:
+    """Each cell's rank among the distinct cells of ``col`` in the order of their JSON
+    strings, and those cells as JSON strings without their quotes, in that order."""
+    if _factorizes_exactly(col):  # equal values have equal text: a text per distinct value
+        codes, uniques = pd.factorize(col, use_na_sentinel=True)
+        texts = [*_cell_texts(pd.Series(uniques)), ""]  # the last: empty cells (code -1)
+    else:  # e.g. 1 and True are equal values with different text: a text per cell
+        codes, cells = pd.factorize(np.array(_cell_texts(col), dtype=object))
+        texts = list(cells)
+    inner = _json_inner(texts)
+    text_rank, distinct = _sorted_ranks(inner)  # an empty cell and "" share a rank
+    if not _sorts_as_json(distinct):  # rare: sort again by the JSON strings themselves
+        plain: list[str] = distinct.tolist()
+        order = sorted(range(len(plain)), key=lambda i: plain[i] + '"')
+        new_rank = np.empty(len(order), dtype=np.intp)
+        new_rank[order] = np.arange(len(order))
+        text_rank, distinct = new_rank[text_rank], distinct[order]
+    return text_rank[codes].astype(np.int32), distinct  # int32: half the memory
+
+
+def _json_inner(texts: list[str]) -> list[str]:
+    """``json.dumps(t, ensure_ascii=False)[1:-1]`` of each of ``texts``: the texts
+    themselves, but for the few that hold a quote, a backslash or a control character."""
+    if not _JSON_ESCAPED.search("".join(texts)):  # the usual case: one scan, none to escape
+        return texts
+    search = _JSON_ESCAPED.search
+    return [json.dumps(t, ensure_ascii=False)[1:-1] if search(t) else t for t in texts]
+
+
+def _sorted_ranks(texts: list[str]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.object_]]:
+    """Each of ``texts``' rank among the distinct texts sorted, and those texts in order.
+
+    Python's sort of the strings themselves: no key string per text, and its string
+    comparison is several times faster than numpy's or pandas' sort of objects."""
+    order = np.array(sorted(range(len(texts)), key=texts.__getitem__), dtype=np.intp)
+    ordered = np.array(texts, dtype=object)[order]
+    first = np.ones(len(ordered), dtype=bool)  # the first of each run of equal texts
+    first[1:] = ordered[1:] != ordered[:-1]
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.cumsum(first) - 1
+    return rank, ordered[first]
+
+
+def _sorts_as_json(inner: npt.NDArray[np.object_]) -> bool:
+    """True when sorted JSON string contents ``inner`` are also in their JSON strings'
+    (``'"' + inner + '"'``) order: that differs only where one is the start of the next and
+    the next goes on with a space or ``!``, the two characters that sort before an
+    unescaped quote (``"ab cd"`` sorts before ``"ab"``)."""
+    joined = "".join(inner)
+    if " " not in joined and "!" not in joined:  # one scan for the usual case
+        return True
+    return not any(
+        b.startswith(a) and b[len(a)] in " !" for a, b in zip(inner[:-1], inner[1:], strict=True)
+    )
+
+
+def _factorizes_exactly(col: pd.Series) -> bool:
+    """True when values of ``col`` that pandas finds equal have the same canonical text:
+    integers, floats (0.0 and -0.0 both give "0") and text."""
+    dtype = col.dtype
+    if isinstance(dtype, np.dtype) and (dtype.kind in "iu" or dtype == np.float64):
+        return True
+    if isinstance(dtype, pd.StringDtype):
+        return True
+    is_text = pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
+    return pd.api.types.is_object_dtype(dtype) and is_text
+
+
+def _cell_texts(col: pd.Series) -> list[str]:
+    """``_cell(v)`` of every value of ``col``, a whole column at a time where its type allows."""
     values = col.to_numpy(dtype=object)
     kind = col.dtype.kind if isinstance(col.dtype, np.dtype) else ""
     if kind in "iu" and kind:  # numpy integers: never missing
-        text = [str(v) for v in col.to_numpy().tolist()]
-    elif col.dtype == np.float64:  # _cell inlined: "" for NaN, 3 for 3.0
-        text = [
+        return [str(v) for v in col.to_numpy().tolist()]
+    if col.dtype == np.float64:  # _cell inlined: "" for NaN, 3 for 3.0
+        return [
             "" if v != v else str(int(v)) if v.is_integer() else str(v)
             for v in col.to_numpy().tolist()
         ]
-    elif pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
-        text = np.where(pd.isna(values), "", values).tolist()
-    else:
-        text = [_cell(v) for v in values]
-    if not _JSON_ESCAPED.search("".join(text)):  # the usual case: one scan, nothing to escape
-        return ['"' + t + '"' for t in text]
-    search = _JSON_ESCAPED.search
-    return [json.dumps(t, ensure_ascii=False) if search(t) else '"' + t + '"' for t in text]
+    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+        text: list[str] = np.where(pd.isna(values), "", values).tolist()
+        return text
+    return [_cell(v) for v in values]
 
 
 def _file_digest(path: Path) -> str:
@@ -299,6 +396,26 @@ def _path_digest(path: Path) -> str:
     return "missing"
 
 
+def _referenced_files(images: pd.Series, paths: pd.Series) -> Iterator[tuple[str, Any]]:
+    """``sorted({(_cell(image), path) for each row})``, one pair at a time: rows ordered by
+    their image's text, the paths of one image's rows held at a time (a set of every pair
+    held about 0.3 kB a row)."""
+    codes, uniques = pd.factorize(images, use_na_sentinel=True)
+    texts = [*(_cell(v) for v in uniques), ""]  # the last: empty cells (code -1)
+    text_rank, distinct = _sorted_ranks(texts)  # equal texts (NA, None, "") share a rank
+    ranks = text_rank[codes]
+    order = np.argsort(ranks, kind="stable")
+    current, pending = -1, set[Any]()  # an image's text (its rank) and its rows' paths
+    for start in range(0, len(order), _ROWS_PER_CHUNK):
+        at = order[start : start + _ROWS_PER_CHUNK]
+        for rank, path in zip(ranks[at].tolist(), paths.iloc[at].tolist(), strict=True):
+            if rank != current:
+                yield from ((distinct[current], p) for p in sorted(pending))
+                current, pending = rank, set()
+            pending.add(path)
+    yield from ((distinct[current], p) for p in sorted(pending))
+
+
 def manifest_content_hash(manifest: Manifest, include_files: bool = True) -> str:
     """The data's identity for lineage: sha256 over the sorted rows and every referenced file.
 
@@ -312,17 +429,10 @@ def manifest_content_hash(manifest: Manifest, include_files: bool = True) -> str
     cols = sorted(map(str, df.columns))
     h = hashlib.sha256()
     h.update(json.dumps(cols).encode())
-    rows = sorted(_canonical_rows(df[cols]))
-    if rows:
-        h.update(("\n".join(rows) + "\n").encode())
+    for chunk in _sorted_canonical_rows(df[cols]):
+        h.update(chunk)
     if include_files:
-        pairs = sorted(
-            {
-                (_cell(img), path)
-                for img, path in zip(df[IMAGE_COLUMN], manifest.df[PATH_COLUMN], strict=True)
-            }
-        )
-        for img, path in pairs:
+        for img, path in _referenced_files(df[IMAGE_COLUMN], manifest.df[PATH_COLUMN]):
             h.update(img.encode() + b"\0")
             h.update((_path_digest(Path(path)) if path else "missing").encode() + b"\n")
     return h.hexdigest()
