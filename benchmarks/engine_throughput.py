@@ -59,10 +59,18 @@ def plain_loop(
     return rate
 
 
-def compute_only(model, batch_size: int, size: int, in_chans: int, amp: bool, steps: int = 30):
-    """Images/s of forward+backward+step on GPU-resident tensors: the model's compute ceiling,
-    with the input pipeline taken out (fp32 vs bf16 autocast + channels_last)."""
-    device = torch.device("cuda")
+def compute_only(
+    model,
+    batch_size: int,
+    size: int,
+    in_chans: int,
+    amp: bool,
+    steps: int = 30,
+    device: torch.device | None = None,
+):
+    """Images/s of forward+backward+step on device-resident tensors: the model's compute
+    ceiling, with the input pipeline taken out (fp32 vs bf16 autocast + channels_last)."""
+    device = device or torch.device("cuda")
     model = model.to(device)
     if amp:
         model = model.to(memory_format=torch.channels_last)
@@ -73,8 +81,12 @@ def compute_only(model, batch_size: int, size: int, in_chans: int, amp: bool, st
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         loss = loss_fn(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -83,11 +95,11 @@ def compute_only(model, batch_size: int, size: int, in_chans: int, amp: bool, st
 
     for _ in range(5):
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     return steps * batch_size / (time.perf_counter() - t0)
 
 

@@ -56,7 +56,7 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 FT_PIPELINE = ROOT / "pipelines/cxr_2d_finetune.yaml"
 FE_PIPELINE = ROOT / "pipelines/cxr_2d_feature_extraction.yaml"
-STAGES = ("scan", "validate", "prepare1", "fe", "finetune", "predict")
+STAGES = ("scan", "validate", "prepare1", "fe", "finetune", "predict", "gpu")
 MEDTL = [sys.executable, "-m", "medtl.cli"]
 SALT = "medtl-scale-benchmark-salt-not-secret"
 # Targets of the issue (see the module docstring).
@@ -320,7 +320,7 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
     if 1 in prep and a.workers in prep and a.workers > 1:
         prep[a.workers].extra["speedup_vs_1"] = prep[1].wall_s / prep[a.workers].wall_s
         shutil.rmtree(root / "cache_1", ignore_errors=True)
-    if a.only_prepare or not want & {"fe", "finetune", "predict"}:
+    if a.only_prepare or not want & {"fe", "finetune", "predict", "gpu"}:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
         return rows
@@ -339,7 +339,7 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
     if "predict" in want:
         stage("predict", [*MEDTL, "predict", "--model", str(fe_run / "model"), str(manifest),
                       "--out", str(root / "preds.csv"), "--allow-unapproved"])  # fmt: skip
-    if gpu:  # the largest size's manifest feeds the GPU arm
+    if gpu and "gpu" in want:  # the largest size's manifest feeds the GPU arm
         a.gpu_lines = gpu_arm(a, manifest, root)
     if not a.keep:
         shutil.rmtree(root, ignore_errors=True)
@@ -365,7 +365,8 @@ def _cuda() -> bool:
 
 def gpu_arm(a: argparse.Namespace, manifest: Path, work: Path) -> list[str]:
     """ResNet-50 at 224 px, bf16 + channels_last, batch 256, fed from the cache: medtl's
-    engine, the plain MONAI-tutorial loop and the compute-only ceiling (CUDA only)."""
+    engine, the plain MONAI-tutorial loop and the compute-only ceiling, on ``--gpu-device``
+    (CUDA; ``cpu`` runs the same code as a check that it runs, its numbers mean nothing)."""
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -386,7 +387,7 @@ def gpu_arm(a: argparse.Namespace, manifest: Path, work: Path) -> list[str]:
         "transforms.augment=none",
         f"data.cache_dir={work / 'gpu_cache'}",
         "data.num_workers=8",
-        "train.device=cuda",
+        f"train.device={a.gpu_device}",
         "train.amp=bf16",
         "train.channels_last=true",
         f"train.compile={str(a.compile).lower()}",
@@ -402,15 +403,17 @@ def gpu_arm(a: argparse.Namespace, manifest: Path, work: Path) -> list[str]:
     inputs = read_inputs(cfg, manifest)
     data = prepare_data(cfg, inputs, split_patients(inputs, cfg), work / "gpu_run", DistContext())
     ds = build_dataset(data.train_pool, data.transforms.train, data.cache_dir, cfg.data.cache)
-    n_cls, device = len(data.classes), torch.device("cuda")
+    n_cls, device = len(data.classes), torch.device(a.gpu_device)
     torch.manual_seed(0)
     res = fit(cfg, create_model(cfg.model, n_cls), ds, None, workdir=work / "gpu_fit", resume=False)
     last = res.history[-1]
     torch.manual_seed(0)
     plain = plain_loop(create_model(cfg.model, n_cls), ds, a.gpu_batch, device, a.gpu_epochs, 8)
     chans = int(ds[0]["image"].shape[0])
-    ceiling = compute_only(create_model(cfg.model, n_cls), a.gpu_batch, 224, chans, True)
-    name = torch.cuda.get_device_name()
+    ceiling = compute_only(
+        create_model(cfg.model, n_cls), a.gpu_batch, 224, chans, True, a.gpu_steps, device
+    )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (code check)"
     return [
         f"GPU arm: {name}, ResNet-50 (random init), 224 px, batch {a.gpu_batch}, {len(ds)} "
         f"cached images, epoch {a.gpu_epochs} of {a.gpu_epochs}, compile={a.compile}",
@@ -546,6 +549,9 @@ def main() -> None:
     ap.add_argument("--no-gpu", action="store_true")
     ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--gpu-epochs", type=int, default=2)
+    ap.add_argument("--gpu-steps", type=int, default=30, help="compute-only timed steps")
+    ap.add_argument("--gpu-device", default="cuda", help="'cpu': run the GPU arm's code on "
+                    "the CPU, to check it runs (no CUDA needed; its numbers mean nothing)")  # fmt: skip
     ap.add_argument("--compile", action="store_true", help="GPU arm: torch.compile")
     a = ap.parse_args()
     work = Path(a.workdir or tempfile.mkdtemp(prefix="medtl_scale_"))
@@ -553,7 +559,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows: list[Stage] = []
     a.gpu_lines = ["GPU arm skipped: --no-gpu."]
-    gpu = not a.no_gpu and _cuda()
+    gpu = not a.no_gpu and (_cuda() or a.gpu_device == "cpu")
     if not a.no_gpu and not gpu:
         a.gpu_lines = ["GPU arm skipped: CUDA is not available on this machine."]
     with open(RESULTS / f"{stem}.jsonl", "w") as raw:
