@@ -13,14 +13,16 @@ records wall time and peak memory:
   fed from the prepared cache), one fine-tune epoch (a fold job, ``--folds 0``: one fold, one
   epoch, no refit) with its data-stall fraction, and predict (``medtl predict``) on all N.
 
-Peak memory is reported twice, both sampled from /proc every 0.1 s: ``rss_tree`` is the
-largest PSS summed over the stage's process tree (the job and its decoding or loader
-workers; shared pages counted once), ``rss_max`` the largest single process's peak RSS.
+Peak memory, sampled from /proc every ``--sample-s`` (0.25 s): ``rss_tree`` is the largest
+PSS summed over the stage's process tree (the job and its decoding or loader workers; shared
+pages counted once), ``anon_tree`` its anonymous part, ``rss_max`` the largest single
+process's peak RSS. The memory target is judged on ``rss_tree`` and ``rss_max``.
 
 On a machine with CUDA it also measures a GPU arm: ResNet-50 at 224 px, bf16 + channels_last
 (``--compile`` adds torch.compile), batch 256, fed from the cache: medtl's images/s and data
 stall, the plain MONAI-tutorial loop of ``engine_throughput.py`` and the compute-only
-ceiling. Without CUDA the arm is skipped with a line saying so.
+ceiling. Without CUDA the arm is skipped with a line saying so; ``--gpu-device cpu`` runs its
+code on the CPU instead, as a check that it runs (its numbers mean nothing).
 
 Writes ``benchmarks/results/scale[.TAG].jsonl`` (one row per size and stage) and
 ``scale[.TAG].md`` (the tables and the targets: time linear in N within 1.15x per doubling,
@@ -29,6 +31,7 @@ peak memory within 1.3x from the smallest to the largest N, prepare with 2 worke
 
     python benchmarks/scale.py                         # 1k, 5k, 20k: well under an hour on 2 cores
     python benchmarks/scale.py --sizes 200 400 --tag smoke
+    python benchmarks/scale.py --sizes 1000 5000 --stages fe finetune   # a subset of stages
 """
 
 from __future__ import annotations
