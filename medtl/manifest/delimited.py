@@ -18,7 +18,7 @@ import io
 import logging
 import warnings
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,67 +90,6 @@ class _Records:
     rows: array[int]  # spreadsheet row of each kept data record
     blank_rows: list[int]
     too_long: list[tuple[int, int, list[str]]]  # (kept index, n cells, record) with extra values
-
-
-_SCAN_CHARS = 1 << 18  # characters of text looked at a time for line ends (1 MB as UTF-32)
-
-
-def _line_ends(text: str) -> npt.NDArray[np.int64]:
-    """The offset just after each line end of ``text``: a \\n, a \\r\\n or a lone \\r, where
-    ``io.StringIO(text, newline="")`` ends its lines."""
-    # By hand, with numpy on each piece's UTF-32 code points (one array element per
-    # character, so offsets are character offsets): a regex's match object per line cost
-    # about a microsecond a line; str.splitlines also ends lines at \v, \f, \x1c, ...
-    found = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(text), _SCAN_CHARS):
-        piece = text[start : start + _SCAN_CHARS + 1]  # one more: a \r\n across the cut
-        codes = np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        here, after = codes[:_SCAN_CHARS], codes[1 : _SCAN_CHARS + 1]
-        ends = here == 10  # \n
-        ends[: len(after)] |= (here[: len(after)] == 13) & (after != 10)  # \r, no \n next
-        if len(here) > len(after):  # the text's last character: a \r ends a line too
-            ends[-1] |= here[-1] == 13
-        found.append(np.flatnonzero(ends).astype(np.int64) + start + 1)
-    return np.concatenate(found)
-
-
-@dataclass(frozen=True)
-class _Lines:
-    """The lines of a text, line ends kept, split where ``io.StringIO(text, newline="")``
-    splits them (\\n, \\r\\n, \\r), held as offsets into the text: a list of the lines, or
-    StringIO's four bytes per character, would cost several times the text itself."""
-
-    text: str
-    ends: npt.NDArray[np.int64]  # offset just after each line
-
-    @classmethod
-    def of(cls, text: str) -> _Lines:
-        """Split ``text`` into lines (none for an empty text)."""
-        ends = _line_ends(text)
-        if text and (not len(ends) or ends[-1] < len(text)):  # a last line without its end
-            ends = np.append(ends, len(text))
-        return cls(text, ends)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __iter__(self) -> Iterator[str]:
-        start = 0
-        for end in self.ends.tolist():
-            yield self.text[start:end]
-            start = end
-
-    def offset(self, i: int) -> int:
-        """Where line ``i`` starts in the text (``len(self)``: the end of the text)."""
-        return int(self.ends[i - 1]) if i else 0
-
-    def span(self, start: int, end: int) -> str:
-        """The text of lines ``start`` to ``end`` (exclusive)."""
-        return self.text[self.offset(start) : self.offset(end)]
-
-    def between(self, start: int, end: int) -> list[str]:
-        """Lines ``start`` to ``end`` (exclusive), each a string."""
-        return [self.span(i, i + 1) for i in range(start, end)]
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -259,7 +198,7 @@ def detect_delimiter(header_line: str, default: str, path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------- records
-def _walk_records(lines: _Lines, delimiter: str) -> _Records:
+def _walk_records(lines: list[str], delimiter: str) -> _Records:
     """Every record's lines and spreadsheet row; blank records and overlong ones noted."""
     reader = csv.reader(lines, delimiter=delimiter)
     header: list[str] | None = None
@@ -339,7 +278,7 @@ def _check_record_lengths(records: _Records, names: list[str], delimiter: str, p
 
 
 def _check_closed_quote(
-    lines: _Lines, records: _Records, names: list[str], delimiter: str, path: Path
+    lines: list[str], records: _Records, names: list[str], delimiter: str, path: Path
 ) -> None:
     """A quote left open swallows the rest of the file into one cell: name where it opens."""
     if not records.starts:
@@ -348,12 +287,12 @@ def _check_closed_quote(
     if end - start < 2 or end < len(lines):
         return
     try:
-        list(csv.reader(lines.between(start, end), delimiter=delimiter, strict=True))
+        list(csv.reader(lines[start:end], delimiter=delimiter, strict=True))
     except csv.Error as err:
         if "unexpected end of data" not in str(err):
             return
         where = RowOrigin(np.array([records.rows[-1]]), np.array([start + 1]), np.array([end]))
-        n_cells = len(next(csv.reader(lines.between(start, end), delimiter=delimiter)))
+        n_cells = len(next(csv.reader(lines[start:end], delimiter=delimiter)))
         col = names[n_cells - 1] if n_cells - 1 < len(names) else _column(n_cells - 1)
         raise ManifestError(
             f"manifest {path}, {where.describe(0)}, column '{col}': a quote (\") opened in "
@@ -377,7 +316,7 @@ def read_delimited(
             values than the header, or an unclosed quote, each naming the row and column.
     """
     text, used = decode_text(path, encoding)
-    lines = _Lines.of(text)
+    lines = list(io.StringIO(text, newline=""))  # splits on \n, \r\n and \r, keeps the ends
     first = next((line for line in lines if line.strip()), "")
     delimiter = detect_delimiter(first, default_delimiter, path)
     records = _walk_records(lines, delimiter)
@@ -404,19 +343,17 @@ def read_delimited(
     return DelimitedTable(df, origin, used, delimiter, tuple(records.blank_rows))
 
 
-def _kept_text(lines: _Lines, records: _Records) -> str:
-    """The header and the kept records as one text: slices of the file's text between the
-    dropped (blank) records, so a file without any is passed on as it is, not copied."""
-    starts = np.array([records.header_span[0], *records.starts], dtype=np.int64)
-    ends = np.array([records.header_span[1], *records.ends], dtype=np.int64)
-    cut = np.flatnonzero(starts[1:] != ends[:-1]) + 1  # a record not where the last one ended
-    firsts, lasts = np.r_[0, cut], np.r_[cut - 1, len(ends) - 1]
-    pieces = zip(starts[firsts].tolist(), ends[lasts].tolist(), strict=True)
-    return "".join(lines.span(a, b) for a, b in pieces)
+def _kept_text(lines: list[str], records: _Records) -> str:
+    """The header and the kept records as one text (blank records dropped)."""
+    hs, he = records.header_span
+    kept = lines[hs:he]
+    for start, end in zip(records.starts, records.ends, strict=True):
+        kept.extend(lines[start:end])
+    return "".join(kept)
 
 
 def _parse_values(
-    lines: _Lines,
+    lines: list[str],
     records: _Records,
     names: list[str],
     delimiter: str,
