@@ -6,7 +6,9 @@ Errors that medtl explains (MedtlError) print as one line and exit with status 2
 
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import json
 import os
 import sys
@@ -82,6 +84,19 @@ _MODEL_OPTION = click.option(
 @click.version_option(package_name="medtl")
 def main() -> None:
     """medtl: transfer learning for medical image classification."""
+    _exit_fast()
+
+
+@functools.cache
+def _exit_fast() -> None:
+    """Freeze the heap as the last thing at exit (registered first, atexit runs it last).
+
+    The interpreter's final garbage collections walk the whole torch/MONAI object graph: about
+    2 s of every command's exit on these 2-core machines, 0.3 s frozen. atexit hooks (MLflow,
+    logging) still run and objects freed by reference counting are still closed; only objects
+    in reference cycles go unfinalized, which the interpreter never promised at exit anyway.
+    """
+    atexit.register(gc.freeze)
 
 
 # ---------------------------------------------------------------- inspect
@@ -287,6 +302,42 @@ def _fold_numbers(text: str) -> list[int]:
         raise click.UsageError(
             f"--folds takes fold numbers separated by commas, e.g. --folds 0,2; got '{text}'"
         ) from None
+
+
+@main.command()
+@click.argument("pipeline_path", type=click.Path())
+@click.option("--manifest", "manifest_path", type=click.Path(), help="Manifest CSV/Parquet.")
+@click.option("--set", "overrides", multiple=True, help="Override a config key: key=value.")
+@click.option("--out", type=click.Path(), help="Run folder (default: runs/<name>-<time>).")
+@_friendly
+def prepare(
+    pipeline_path: str, manifest_path: str | None, overrides: tuple[str, ...], out: str | None
+) -> None:
+    """Decode every image into the cache, as `medtl train` would, and stop there.
+
+    Run it once before fold jobs that share a cache, or on a CPU node before training: the
+    train job with the same pipeline and --set values then finds every image cached.
+    """
+    from medtl.config import load_config
+
+    cfg = load_config(pipeline_path, list(overrides))
+    if cfg.data.prepare_workers != 0:
+        from medtl.decoder_server import start_decoder_server
+
+        start_decoder_server()  # its imports overlap with the job's own, on another core
+    from medtl.jobs.prepare_job import run_prepare
+
+    done = run_prepare(cfg, manifest_path=manifest_path, out_dir=out)
+    con = _console()
+    con.print(
+        f"[bold]medtl prepare[/bold] {cfg.name}: {done.ready} of {done.images} images in the "
+        f"cache {done.cache_dir} ({done.seconds:.1f} s)"
+    )
+    if done.quarantined:
+        con.print(
+            f"[yellow]{done.quarantined} unreadable file(s) quarantined[/yellow]: see "
+            f"{done.run_dir}/quarantine.csv"
+        )
 
 
 @main.command()

@@ -40,6 +40,7 @@ def test_help_lists_every_verb():
     for verb in [
         "inspect",
         "manifest",
+        "prepare",
         "train",
         "report",
         "evaluate",
