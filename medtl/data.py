@@ -266,7 +266,8 @@ def check_bad_fraction(bad: Sequence[QuarantineEntry], n: int, max_bad_fraction:
         raise TooManyBadFilesError(
             f"{len(bad)} of {n} images ({frac:.1%}) could not be read, above "
             f"data.max_bad_fraction={max_bad_fraction}; first: {first}. Fix or remove those "
-            "files, or raise data.max_bad_fraction to train without them"
+            "files, or raise data.max_bad_fraction to train without them",
+            bad,
         )
 
 

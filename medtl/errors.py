@@ -7,8 +7,9 @@ hospital engineer can act on one line of output without reading a traceback.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class MedtlError(Exception):
@@ -37,7 +38,12 @@ class WeightsError(MedtlError):
 
 
 class TooManyBadFilesError(MedtlError):
-    """More images failed to load than the configured fraction allows."""
+    """More images failed to load than the configured fraction allows; ``quarantine`` holds
+    every file found unreadable (the message names only the first few)."""
+
+    def __init__(self, message: str, quarantine: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.quarantine = list(quarantine)
 
 
 def look_up_option(value: str, options: Iterable[str], what: str = "option") -> str:

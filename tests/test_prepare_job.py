@@ -94,3 +94,22 @@ def test_prepare_with_missing_weights_names_the_file_before_decoding(
     assert res.exit_code == 2, res.output
     assert str(tmp_path / "weights") in res.output and "Traceback" not in res.output
     assert not cache.exists()  # refused before any image was decoded
+
+
+def test_too_many_bad_files_stops_with_every_one_listed(demo_data, tmp_path):
+    """Above data.max_bad_fraction the job stops, as `medtl train` does, and the full list is
+    on disk: the one-line message can only name the first few."""
+    manifest, bad = _manifest(demo_data, tmp_path)
+    run = tmp_path / "run"
+    sets = ["transforms.spatial_size=[32,32]", f"data.cache_dir={tmp_path / 'cache'}"]
+    sets += ["data.prepare_workers=0", "cv.folds=2", "tracking.enabled=false"]
+    res = CliRunner().invoke(
+        main,
+        ["prepare", str(PIPELINE), "--manifest", str(manifest), "--out", str(run)]
+        + [x for s in sets for x in ("--set", s)],
+    )
+    assert res.exit_code == 2, res.output
+    assert "above data.max_bad_fraction=0.01" in res.output and "Traceback" not in res.output
+    assert f"listed in {run / 'quarantine.csv'}" in res.output
+    assert pd.read_csv(run / "quarantine.csv")["path"].tolist() == [str(bad)]
+    assert not (run / "prepare.json").exists()

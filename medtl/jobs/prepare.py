@@ -17,8 +17,14 @@ import numpy as np
 import pandas as pd
 
 from medtl.config import DataConfig, PipelineConfig
-from medtl.data import QuarantineEntry, check_bad_fraction, prepare_records, records_from_manifest
-from medtl.errors import ManifestError
+from medtl.data import (
+    QuarantineEntry,
+    check_bad_fraction,
+    prepare_records,
+    records_from_manifest,
+    write_quarantine,
+)
+from medtl.errors import ManifestError, TooManyBadFilesError
 from medtl.manifest import Manifest, ValidationReport, read_manifest, validate_manifest
 from medtl.training.distributed import DistContext
 from medtl.transforms import TransformPair
@@ -229,6 +235,18 @@ def decode_into_cache(
     return [r for r in records if str(r["image"]) not in bad], quarantine
 
 
+def _listed(err: TooManyBadFilesError, run_dir: Path, dist: DistContext) -> TooManyBadFilesError:
+    """``err`` with every unreadable file written to ``RUN/quarantine.csv`` (rank 0) and the
+    message pointing there: its own text names only the first three."""
+    path = run_dir / "quarantine.csv"
+    if dist.is_main:
+        write_quarantine(err.quarantine, path)
+    return TooManyBadFilesError(
+        f"{err}. The {len(err.quarantine)} unreadable file(s) are listed in {path}",
+        err.quarantine,
+    )
+
+
 def quarantine_breakdown(
     inputs: TrainInputs, quarantine: list[QuarantineEntry]
 ) -> dict[str, dict[str, dict[str, int]]]:
@@ -270,9 +288,12 @@ def prepare_data(
     transforms = build_preprocessing(cfg, len(inputs.classes))
     cache_dir = resolve_cache_dir(cfg.data, run_dir)
     cfg.data.cache_dir = str(cache_dir)
-    records, quarantine = decode_into_cache(
-        inputs.records, transforms.eval, cache_dir, cfg.data, dist, cfg.train.progress
-    )
+    try:
+        records, quarantine = decode_into_cache(
+            inputs.records, transforms.eval, cache_dir, cfg.data, dist, cfg.train.progress
+        )
+    except TooManyBadFilesError as err:
+        raise _listed(err, run_dir, dist) from err
     study = cfg.data.study_column
     return TrainData(
         study_column=study if study in inputs.manifest.df.columns else None,
