@@ -33,6 +33,7 @@ peak memory within 1.3x from the smallest to the largest N, prepare with 2 worke
     python benchmarks/scale.py                         # 1k, 5k, 20k: well under an hour on 2 cores
     python benchmarks/scale.py --sizes 200 400 --tag smoke
     python benchmarks/scale.py --sizes 1000 5000 --stages fe finetune   # a subset of stages
+    python benchmarks/scale.py --sizes 1000 5000 --only-prepare --prepare-repeats 3 --tag p3
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,20 +301,31 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
     arms = [(a.workers, full_cache)]
     if n <= a.single_worker_max and "prepare1" in want:
         arms.insert(0, (1, root / "cache_1"))
+    cmds = {}
     for w, cache in arms:
-        name = f"prepare, {w} worker{'s' if w > 1 else ''}"
         sets = [f"transforms.spatial_size=[{a.train_size},{a.train_size}]",
                 f"data.cache_dir={cache}", f"data.prepare_workers={w}", "train.progress=false",
                 "tracking.enabled=false"]  # fmt: skip
-        cmd = [*prep_cmd, *(x for s in sets for x in ("--set", s))]
-        # Timed first without the memory sampler: each sample costs ~70 ms of CPU (smaps_rollup
-        # walks page tables), taken from the 2-worker arm's cores but from the 1-worker arm's
-        # idle one, so sampled times understate the speedup. Then sampled, into a fresh cache.
-        timed = measure(n, f"{name} (timed)", cmd, logs / f"{name}.timed.log", a.timeout, 0.0)
+        cmds[w] = (f"prepare, {w} worker{'s' if w > 1 else ''}", cache,
+                   [*prep_cmd, *(x for s in sets for x in ("--set", s))])  # fmt: skip
+    # Timed first without the memory sampler: each sample costs ~70 ms of CPU (smaps_rollup
+    # walks page tables), taken from the 2-worker arm's cores but from the 1-worker arm's idle
+    # one, so sampled times understate the speedup. The arms alternate --prepare-repeats times
+    # (this machine's speed drifts by 10-20% within minutes) and each arm's median is its time.
+    # Then each arm once more, sampled, into a fresh cache: its peak memory.
+    walls: dict[int, list[float]] = {w: [] for w in cmds}
+    for rep in range(a.prepare_repeats):
+        for w, (name, cache, cmd) in cmds.items():
+            shutil.rmtree(cache, ignore_errors=True)
+            log = logs / f"{name}.timed{rep}.log"
+            timed = measure(n, f"{name} (timed)", cmd, log, a.timeout, 0.0)
+            walls[w].append(timed.wall_s if timed.rc == 0 else float("nan"))
+    for w, (name, cache, cmd) in cmds.items():
         shutil.rmtree(cache, ignore_errors=True)
         prep[w] = stage(name, cmd)
-        prep[w].extra["wall_sampled_s"] = prep[w].wall_s
-        prep[w].wall_s, prep[w].rc = timed.wall_s, prep[w].rc or timed.rc
+        prep[w].extra |= {"wall_sampled_s": prep[w].wall_s, "wall_timed_s": walls[w]}
+        prep[w].wall_s = statistics.median(walls[w])
+        prep[w].rc = prep[w].rc or int(any(math.isnan(x) for x in walls[w]))
     if 1 in prep and a.workers in prep and a.workers > 1:
         prep[a.workers].extra["speedup_vs_1"] = prep[1].wall_s / prep[a.workers].wall_s
         shutil.rmtree(root / "cache_1", ignore_errors=True)
@@ -458,9 +471,9 @@ def report(rows: list[Stage], a: argparse.Namespace, gpu: list[str]) -> str:
         f"Scale: {platform.platform(terse=True)}, {os.cpu_count()} cores, images "
         f"{a.image_size} px ({a.j2k_fraction:.0%} JPEG 2000), training at {a.train_size} px, "
         f"{a.folds} folds; wall s / peak memory of the process tree, PSS MB (its anonymous "
-        "part; the largest single process, RSS MB). Prepare arms: time from a run without the "
-        "memory sampler, memory from a second, sampled run (its time is wall_sampled_s in the "
-        "jsonl)",
+        "part; the largest single process, RSS MB). Prepare arms: time, the median of "
+        f"{a.prepare_repeats} alternating run(s) without the memory sampler (wall_timed_s in "
+        "the jsonl); memory from one more, sampled run (wall_sampled_s)",
         "",
         f"| stage | {head} | per doubling | memory growth: PSS | largest RSS | anonymous |",
         "|---|" + "---:|" * (len(sizes) + 4),
@@ -529,6 +542,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--single-worker-max", type=int, default=5000)
+    ap.add_argument("--prepare-repeats", type=int, default=1,
+                    help="timed runs of each prepare arm, alternating; the median is reported")  # fmt: skip
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="'all workers' arm")
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--j2k-fraction", type=float, default=0.2)
