@@ -299,3 +299,46 @@ def test_params_carry_file_names_not_local_folders(tmp_path):
     assert params["data.manifest"] == "manifest.csv"
     assert "data.cache_dir" not in params and "tracking.uri" not in params
     assert "dr_smith" not in json.dumps(params) and "st_marys" not in json.dumps(params)
+
+
+# The error a PostgreSQL-backed `mlflow server` gave when two trainings logged one manifest at
+# the same moment (MLflow looks the dataset up, then inserts it).
+_RACE = (
+    "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique "
+    'constraint "dataset_pk" DETAIL: Key (experiment_id, name, digest)=(1, x-manifest, 847c) '
+    "already exists. [SQL: INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, ...)]"
+)
+
+
+def test_a_dataset_logged_by_another_job_at_once_is_linked_not_fatal(tmp_path):
+    from mlflow.exceptions import RestException
+
+    from medtl.config import build_config
+    from medtl.tracking.runs import TrainTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = build_config({}, [f"tracking.uri={uri}"])
+    first, second = (TrainTracker(cfg.tracking, cfg, {}) for _ in range(2))
+    first.start(), second.start()
+    first.log_dataset("ab" * 32, {"n_images": 4})  # the other job's insert, already in
+    real, calls = second._client.log_inputs, []
+
+    def racing(*args, **kwargs):  # the second job's lookup ran before that insert
+        calls.append(1)
+        if len(calls) == 1:
+            raise RestException({"error_code": "BAD_REQUEST", "message": _RACE})
+        return real(*args, **kwargs)
+
+    second._client.log_inputs = racing
+    second.log_dataset("ab" * 32, {"n_images": 4})
+    assert len(calls) == 2
+    for t in (first, second):
+        inputs = t._client.get_run(t.parent_run_id).inputs.dataset_inputs
+        assert [d.dataset.digest for d in inputs] == ["ab" * 18]
+
+    def other_error(*args, **kwargs):
+        raise RestException({"error_code": "BAD_REQUEST", "message": "INVALID_PARAMETER_VALUE"})
+
+    second._client.log_inputs = other_error
+    with pytest.raises(RestException, match="INVALID_PARAMETER_VALUE"):
+        second.log_dataset("cd" * 32, None)

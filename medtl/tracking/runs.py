@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import platform
@@ -57,8 +58,11 @@ __all__ = [
     "TrainTracker",
     "environment_info",
     "metric_key",
+    "is_duplicate_dataset",
     "select_artifacts",
 ]
+
+log = logging.getLogger("medtl")
 
 ENVIRONMENT_PACKAGES = (
     "torch",
@@ -167,6 +171,15 @@ def _stage_text(src: Path, dst: Path, redactions: list[tuple[str, str]]) -> None
     for prefix, token in redactions:
         text = text.replace(prefix + os.sep, token + "/").replace(prefix, token)
     dst.write_text(text, encoding="utf-8")
+
+
+def is_duplicate_dataset(err: BaseException) -> bool:
+    """True for the unique-key error of MLflow's ``datasets`` table (PostgreSQL, MySQL or
+    SQLite wording, direct or through a tracking server), whatever the exception type."""
+    text = str(err)
+    return "dataset" in text and any(
+        m in text for m in ("duplicate key", "UNIQUE constraint failed", "Duplicate entry")
+    )
 
 
 class FoldRun:
@@ -366,9 +379,18 @@ class TrainTracker:
             source=json.dumps({"manifest_hash": manifest_hash}),
             profile=json.dumps(profile, sort_keys=True),
         )
-        self._client.log_inputs(
-            run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])]
-        )
+        inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])]
+        try:
+            self._client.log_inputs(run_id, datasets=inputs)
+        except Exception as err:
+            if not is_duplicate_dataset(err):
+                raise
+            # Two jobs of one experiment logged this manifest at the same moment: MLflow's
+            # store looks the dataset up, then inserts it, so the later insert hits the unique
+            # key (seen with two trainings against one PostgreSQL-backed `mlflow server`). The
+            # row exists now, and the second call only links it to this run.
+            log.info("dataset %s was logged by another job at once; linking it", ds.name)
+            self._client.log_inputs(run_id, datasets=inputs)
 
     def log_model(self, bundle_dir: str | Path, input_example: Any = None) -> str:
         """Log the bundle as an MLflow pyfunc model linked to the parent run; returns its URI.
