@@ -140,14 +140,20 @@ _NEEDS_PATHLIB = r"//|/\./|^\./|/\.?$|^\.$"
 _NEEDS_PATHLIB_RE = re.compile(_NEEDS_PATHLIB)
 
 
+def cell_strings(col: pd.Series) -> list[str]:
+    """Each cell of ``col`` as ``str``, ``""`` for an empty one.
+
+    A loop over the cells' own Python strings: a str (Arrow) copy of the column, and column
+    operations on it, held about 0.5 kB a row of Arrow memory that is not given back."""
+    values = col.to_numpy(dtype=object)
+    missing = pd.isna(values).tolist()
+    return ["" if gone else str(v) for v, gone in zip(values, missing, strict=True)]
+
+
 def _absolute_paths(images: pd.Series, root: Path) -> list[str]:
     """``str(root / image)`` for relative images, ``str(Path(image))`` for absolute ones,
     ``""`` for empty cells: pathlib's strings, built as text for the rows that allow it."""
-    # A loop over the cells' own strings: a str (Arrow) copy of the column and the column
-    # operations on it held about 0.5 kB a row of Arrow memory that is not given back.
-    values = images.to_numpy(dtype=object)
-    missing = pd.isna(values).tolist()
-    text = ["" if gone else str(v) for v, gone in zip(values, missing, strict=True)]
+    text = cell_strings(images)
     if os.sep != "/":  # the text shortcut knows POSIX paths only
         return ["" if not v else str(root / v) for v in text]
     prefix = str(root).rstrip("/") + "/"

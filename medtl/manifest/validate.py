@@ -21,6 +21,7 @@ from medtl.manifest.table import (
     PATH_COLUMN,
     Manifest,
     _is_missing,
+    cell_strings,
     manifest_content_hash,
 )
 
@@ -195,9 +196,7 @@ def _rows_with_control_characters(manifest: Manifest) -> tuple[int, ...]:
     """Rows whose image path holds a line break, tab or other control character."""
     # The cells' own strings, a block at a time: Arrow's regex on a str copy of the column
     # held memory per row that Arrow does not give back.
-    images = manifest.df[IMAGE_COLUMN].to_numpy(dtype=object)
-    missing = pd.isna(images).tolist()
-    text = ["" if gone else str(v) for v, gone in zip(images, missing, strict=True)]
+    text = cell_strings(manifest.df[IMAGE_COLUMN])
     rows: list[int] = []
     for start in range(0, len(text), _CELLS_PER_SCAN):
         block = text[start : start + _CELLS_PER_SCAN]
