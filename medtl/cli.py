@@ -13,8 +13,12 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from medtl.config import PipelineConfig
 
 # Offline by default: no telemetry, no hub downloads (set before any library is imported).
 for _k, _v in {
@@ -266,10 +270,7 @@ def train(
 
     folds = _fold_numbers(fold_list) if fold_list is not None else None
     cfg = load_config(pipeline_path, list(overrides))
-    if cfg.data.prepare_workers != 0:
-        from medtl.decoder_server import start_decoder_server
-
-        start_decoder_server()  # its imports overlap with the job's own, on another core
+    _start_decoders(cfg)
     from medtl.jobs import print_train_summary, run_train
 
     if cfg.strategy.name == "few_shot":  # evaluated by episodes, not k-fold CV: `medtl fewshot`
@@ -292,6 +293,15 @@ def train(
         done = ",".join(map(str, outcome.folds_run))
         con.print(f"folds {done} written to {outcome.run_dir}/folds; when every fold is done run")
         con.print(f"  medtl train {pipeline_path} ... --collect --out {outcome.run_dir}")
+
+
+def _start_decoders(cfg: PipelineConfig) -> None:
+    """Start the decoding workers' forkserver now, when the job decodes in a pool: its
+    imports then overlap with the job's own, on another core."""
+    if cfg.data.prepare_workers != 0:
+        from medtl.decoder_server import start_decoder_server
+
+        start_decoder_server()
 
 
 def _fold_numbers(text: str) -> list[int]:
@@ -321,10 +331,7 @@ def prepare(
     from medtl.config import load_config
 
     cfg = load_config(pipeline_path, list(overrides))
-    if cfg.data.prepare_workers != 0:
-        from medtl.decoder_server import start_decoder_server
-
-        start_decoder_server()  # its imports overlap with the job's own, on another core
+    _start_decoders(cfg)
     from medtl.jobs.prepare_job import run_prepare
 
     done = run_prepare(cfg, manifest_path=manifest_path, out_dir=out)
