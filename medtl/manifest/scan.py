@@ -262,7 +262,7 @@ class _Header:
     @property
     def rel(self) -> str:
         """The file's path relative to the export, POSIX."""
-        return f"{self.folder}/{self.name}" if self.folder else self.name
+        return _rel_path(self.folder, self.name)
 
 
 @dataclass
@@ -293,6 +293,11 @@ def _list_files(root: Path) -> tuple[list[_Folder], int]:
         out.append((folder, sorted(filenames)))
         n_files += len(filenames)
     return out, n_files
+
+
+def _rel_path(folder: str, name: str) -> str:
+    """A file's POSIX path relative to the export, from its relative folder ("" for the root)."""
+    return f"{folder}/{name}" if folder else name
 
 
 def _iter_files(root: Path, folders: list[_Folder]) -> Iterator[tuple[Path, str, str]]:
@@ -341,7 +346,7 @@ def _read_headers(
         if kind is None:
             scan.n_non_dicom += 1
             continue
-        rel = f"{folder}/{name}" if folder else name
+        rel = _rel_path(folder, name)
         try:
             header, values = _read_header(path, folder, name, kind, key, labels)
         except Exception as err:  # pydicom raises many types on damaged headers
@@ -403,7 +408,7 @@ def _read_header(
     phi = identifying_values(ds, name_parts=True)
     if not _is_image_object(ds, sop_class):
         return None, phi
-    path_has_phi = _path_has_phi(ds, f"{folder}/{name}" if folder else name)
+    path_has_phi = _path_has_phi(ds, _rel_path(folder, name))
     intern = sys.intern  # few distinct values, one object each
     key_value = _text(ds, key)
     header = _Header(
