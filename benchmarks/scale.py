@@ -211,6 +211,11 @@ def _status_kb(path: str, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def _stage_env() -> dict[str, str]:
+    """The environment every stage runs in: the benchmark's pseudonym salt, no telemetry."""
+    return {**os.environ, "MEDTL_PSEUDONYM_SALT": SALT, "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
 def measure(
     n: int, name: str, cmd: list[str], log: Path, timeout_s: float, sample_s: float = 0.25
 ) -> Stage:
@@ -219,7 +224,7 @@ def measure(
     kernel walks page tables), CPU the stage competes for: about 70 ms a sample while a job
     and its decoding workers run on these machines, 28% of a core at 0.25 s. ``sample_s=0``
     times the stage without sampling."""
-    env = {**os.environ, "MEDTL_PSEUDONYM_SALT": SALT, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = _stage_env()
     peak = [0, 0, 0]  # tree PSS, largest single process, tree anonymous PSS
     with open(log, "wb") as out:
         t0 = time.perf_counter()
@@ -285,13 +290,12 @@ def run_size(n: int, a: argparse.Namespace, work: Path, gpu: bool = False) -> li
         return rows[-1]
 
     want = set(a.stages)
+    scan = [*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
+            "--key", "AccessionNumber", "--out", str(manifest)]  # fmt: skip
     if "scan" in want or "validate" in want:  # validate reads scan's manifest
-        stage("scan", [*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
-                   "--key", "AccessionNumber", "--out", str(manifest)])  # fmt: skip
+        stage("scan", scan)
     else:  # the later stages still need a manifest: scan it unmeasured
-        subprocess.run([*MEDTL, "manifest", "scan", str(root / "export"), "--labels", str(labels),
-                        "--key", "AccessionNumber", "--out", str(manifest)], check=True,
-                       capture_output=True, env={**os.environ, "MEDTL_PSEUDONYM_SALT": SALT})  # fmt: skip
+        subprocess.run(scan, check=True, capture_output=True, env=_stage_env())
     if "validate" in want:
         stage("validate + content hash", [*MEDTL, "manifest", "validate", str(manifest), "--json"])
     prep_cmd = [*MEDTL, "prepare", str(FT_PIPELINE), "--manifest", str(manifest), "--out",
